@@ -1,0 +1,67 @@
+//! After a run: one labelled contact sheet per job with a grid, and `report.html` over every
+//! image of the campaign.
+
+use std::collections::HashSet;
+
+use super::campaign::Campaign;
+use crate::output::contact_sheet::{contact_sheet, record_point, sheet_axes, CellContent, SheetCell};
+use crate::output::png_meta::encode_rgb_png;
+use crate::output::report::report_html;
+use crate::output::{ImageStatus, ManifestRecord};
+
+/// Reads a record's PNG back as RGB8.
+fn load_rgb(c: &Campaign, rec: &ManifestRecord) -> Option<CellContent> {
+    let path = c.store.root().join(rec.path.as_ref()?);
+    let img = image::open(path).ok()?.to_rgb8();
+    Some(CellContent::Image { width: img.width(), height: img.height(), rgb: img.into_raw() })
+}
+
+/// Writes `sheets/<job>.png` for each job with a grid and `report.html`; returns their paths.
+pub fn write_gallery(c: &Campaign) -> Result<Vec<String>, String> {
+    let _ = c.store.refresh();
+    let mut records: Vec<ManifestRecord> = Vec::new();
+    let mut seen = HashSet::new();
+    for key in &c.keys {
+        if !seen.insert(key.as_str()) {
+            continue;
+        }
+        if let Some(r) = c.store.record(key) {
+            records.push(r);
+        }
+    }
+    let mut sheets = Vec::new();
+    let mut written = Vec::new();
+    for job in &c.spec.jobs {
+        if job.grid.is_empty() {
+            continue;
+        }
+        let prompts: Vec<String> = job.prompts.iter().map(|p| p.prompt.clone()).collect();
+        let (x, y) = sheet_axes(&job.grid, &prompts, &job.seeds);
+        let cells: Vec<SheetCell> = records
+            .iter()
+            .filter(|r| r.job == job.name)
+            .map(|r| {
+                let content = match (r.status, &r.path) {
+                    (ImageStatus::Failed, _) => CellContent::Missing("failed".into()),
+                    (_, None) => CellContent::Missing("dropped".into()),
+                    (_, Some(p)) if p.starts_with("quarantine") => CellContent::Missing("quarantined".into()),
+                    _ => load_rgb(c, r).unwrap_or(CellContent::Missing("missing".into())),
+                };
+                SheetCell { point: record_point(r), content }
+            })
+            .collect();
+        let sheet = contact_sheet(&cells, x.as_ref(), y.as_ref(), &format!("{} ({})", job.name, job.model));
+        let png = encode_rgb_png(sheet.width, sheet.height, &sheet.rgb).map_err(|e| e.to_string())?;
+        let rel = format!("sheets/{}.png", job.name);
+        let path = c.store.root().join(&rel);
+        std::fs::create_dir_all(path.parent().unwrap_or(c.store.root())).map_err(|e| e.to_string())?;
+        std::fs::write(&path, png).map_err(|e| format!("{}: {e}", path.display()))?;
+        sheets.push((job.name.clone(), rel.clone()));
+        written.push(rel);
+    }
+    let html = report_html(&records, &sheets);
+    let path = c.store.root().join("report.html");
+    std::fs::write(&path, html).map_err(|e| format!("{}: {e}", path.display()))?;
+    written.push("report.html".into());
+    Ok(written)
+}
