@@ -69,21 +69,43 @@ impl std::fmt::Debug for ClipTokenizer {
 }
 
 fn load_error(file: &Path, message: impl std::fmt::Display) -> EngineError {
-    EngineError::Load { file: file.to_path_buf(), message: message.to_string() }
+    EngineError::Load {
+        file: file.to_path_buf(),
+        message: message.to_string(),
+    }
 }
 
 impl ClipTokenizer {
     /// Loads the tokenizer of a diffusers `tokenizer/` (or `tokenizer_2/`) folder.
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
         let config_file = dir.join("tokenizer_config.json");
-        let config: TokenizerConfig =
-            if config_file.is_file() { read_json(&config_file)? } else { TokenizerConfig::default() };
-        let bos = config.bos_token.as_ref().map_or("<|startoftext|>", TokenSpec::content).to_string();
-        let eos = config.eos_token.as_ref().map_or("<|endoftext|>", TokenSpec::content).to_string();
-        let unk = config.unk_token.as_ref().map_or("<|endoftext|>", TokenSpec::content).to_string();
-        let pad = config.pad_token.as_ref().map_or("<|endoftext|>", TokenSpec::content).to_string();
+        let config: TokenizerConfig = if config_file.is_file() {
+            read_json(&config_file)?
+        } else {
+            TokenizerConfig::default()
+        };
+        let bos = config
+            .bos_token
+            .as_ref()
+            .map_or("<|startoftext|>", TokenSpec::content)
+            .to_string();
+        let eos = config
+            .eos_token
+            .as_ref()
+            .map_or("<|endoftext|>", TokenSpec::content)
+            .to_string();
+        let unk = config
+            .unk_token
+            .as_ref()
+            .map_or("<|endoftext|>", TokenSpec::content)
+            .to_string();
+        let pad = config
+            .pad_token
+            .as_ref()
+            .map_or("<|endoftext|>", TokenSpec::content)
+            .to_string();
         let max_length = match config.model_max_length {
-            Some(n) if n >= 2.0 && n <= 1_000_000.0 => n as usize,
+            Some(n) if (2.0..=1_000_000.0).contains(&n) => n as usize,
             _ => DEFAULT_MAX_LENGTH,
         };
 
@@ -98,10 +120,18 @@ impl ClipTokenizer {
             (t, vocab_file)
         };
         let id = |token: &str| {
-            inner.token_to_id(token).ok_or_else(|| load_error(&source, format!("token `{token}` is not in the vocabulary")))
+            inner.token_to_id(token).ok_or_else(|| {
+                load_error(&source, format!("token `{token}` is not in the vocabulary"))
+            })
         };
         let (bos_id, eos_id, pad_id) = (id(&bos)?, id(&eos)?, id(&pad)?);
-        Ok(Self { inner, bos_id, eos_id, pad_id, max_length })
+        Ok(Self {
+            inner,
+            bos_id,
+            eos_id,
+            pad_id,
+            max_length,
+        })
     }
 
     /// The fixed length of every encoded sequence (`model_max_length`, 77 for CLIP).
@@ -127,8 +157,10 @@ impl ClipTokenizer {
     /// Encodes `text` into exactly `max_length()` ids: BOS, the tokens (truncated so that the
     /// sequence fits), EOS, then padding.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        let encoding =
-            self.inner.encode(text, false).map_err(|e| EngineError::Other(format!("tokenizing {text:?}: {e}")))?;
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::Other(format!("tokenizing {text:?}: {e}")))?;
         let tokens = encoding.get_ids();
         let keep = tokens.len().min(self.max_length - 2);
         let mut ids = Vec::with_capacity(self.max_length);
@@ -141,16 +173,24 @@ impl ClipTokenizer {
 
     /// How many prompt tokens (without BOS/EOS) `text` has before truncation.
     pub fn token_count(&self, text: &str) -> Result<usize, EngineError> {
-        let encoding =
-            self.inner.encode(text, false).map_err(|e| EngineError::Other(format!("tokenizing {text:?}: {e}")))?;
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::Other(format!("tokenizing {text:?}: {e}")))?;
         Ok(encoding.get_ids().len())
     }
 }
 
 /// Builds the equivalent of transformers' fast CLIP tokenizer from `vocab.json` + `merges.txt`.
-fn build_from_vocab(vocab_file: &Path, merges_file: &Path, specials: &[&str], unk: &str) -> Result<Tokenizer, EngineError> {
+fn build_from_vocab(
+    vocab_file: &Path,
+    merges_file: &Path,
+    specials: &[&str],
+    unk: &str,
+) -> Result<Tokenizer, EngineError> {
     let vocab: serde_json::Map<String, Value> = read_json(vocab_file)?;
-    let merges_text = std::fs::read_to_string(merges_file).map_err(|e| load_error(merges_file, e))?;
+    let merges_text =
+        std::fs::read_to_string(merges_file).map_err(|e| load_error(merges_file, e))?;
     let mut merges = Vec::new();
     for (n, line) in merges_text.lines().enumerate() {
         if (n == 0 && line.starts_with("#version")) || line.trim().is_empty() {
@@ -158,8 +198,15 @@ fn build_from_vocab(vocab_file: &Path, merges_file: &Path, specials: &[&str], un
         }
         let mut parts = line.split(' ');
         match (parts.next(), parts.next(), parts.next()) {
-            (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => merges.push(json!([a, b])),
-            _ => return Err(load_error(merges_file, format!("line {}: expected two symbols: {line:?}", n + 1))),
+            (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => {
+                merges.push(json!([a, b]))
+            }
+            _ => {
+                return Err(load_error(
+                    merges_file,
+                    format!("line {}: expected two symbols: {line:?}", n + 1),
+                ))
+            }
         }
     }
     let mut added = Vec::new();
@@ -169,10 +216,12 @@ fn build_from_vocab(vocab_file: &Path, merges_file: &Path, specials: &[&str], un
             continue;
         }
         seen.push(token);
-        let id = vocab
-            .get(token)
-            .and_then(Value::as_u64)
-            .ok_or_else(|| load_error(vocab_file, format!("special token `{token}` is not in the vocabulary")))?;
+        let id = vocab.get(token).and_then(Value::as_u64).ok_or_else(|| {
+            load_error(
+                vocab_file,
+                format!("special token `{token}` is not in the vocabulary"),
+            )
+        })?;
         added.push(json!({
             "id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false,
             "normalized": false, "special": true
@@ -201,7 +250,8 @@ fn build_from_vocab(vocab_file: &Path, merges_file: &Path, specials: &[&str], un
             "vocab": vocab, "merges": merges
         }
     });
-    Tokenizer::from_str(&spec.to_string()).map_err(|e| load_error(vocab_file, format!("building the BPE tokenizer: {e}")))
+    Tokenizer::from_str(&spec.to_string())
+        .map_err(|e| load_error(vocab_file, format!("building the BPE tokenizer: {e}")))
 }
 
 #[cfg(test)]
@@ -210,7 +260,9 @@ mod tests {
     use std::path::PathBuf;
 
     fn fixture(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/models").join(rel)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/golden/models")
+            .join(rel)
     }
 
     #[test]
@@ -219,7 +271,13 @@ mod tests {
         // as tokenizer.json: both paths must agree.
         let a = ClipTokenizer::load(&fixture("tiny-sd15/tokenizer")).unwrap();
         let b = ClipTokenizer::load(&fixture("tiny-sdxl-base/tokenizer")).unwrap();
-        for text in ["A  Photo of\tCAFÉ's 123 dogs!!", "", "  spaced   out  ", "<|endoftext|> x", "naïve façade, 😀"] {
+        for text in [
+            "A  Photo of\tCAFÉ's 123 dogs!!",
+            "",
+            "  spaced   out  ",
+            "<|endoftext|> x",
+            "naïve façade, 😀",
+        ] {
             assert_eq!(a.encode(text).unwrap(), b.encode(text).unwrap(), "{text:?}");
         }
     }
