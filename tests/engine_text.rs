@@ -215,6 +215,31 @@ fn sdxl_base_and_refiner_embeddings_match() {
     );
 }
 
+#[test]
+fn half_precision_is_close_to_f32() {
+    let dir = model("tiny-sdxl-base");
+    let tok = ClipTokenizer::load(&dir.join("tokenizer_2")).unwrap();
+    let full = TextEncoder::load(&dir.join("text_encoder_2"), &Device::Cpu, DType::F32).unwrap();
+    let want = full.encode(&tok, &["a castle on a hill"]).unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        let enc = TextEncoder::load(&dir.join("text_encoder_2"), &Device::Cpu, dtype).unwrap();
+        let got = enc.encode(&tok, &["a castle on a hill"]).unwrap();
+        assert_eq!(got.last_hidden.dtype(), dtype);
+        assert_close(
+            &format!("{dtype:?} penultimate"),
+            &got.penultimate,
+            &want.penultimate,
+            3e-2,
+        );
+        assert_close(
+            &format!("{dtype:?} pooled"),
+            &got.pooled,
+            &want.pooled,
+            3e-2,
+        );
+    }
+}
+
 fn safety_images(data: &HashMap<String, Tensor>) -> Vec<RgbImage> {
     (0..)
         .map_while(|i| data.get(&format!("images_{i}")))
@@ -356,5 +381,17 @@ fn missing_tensor_errors_name_file_and_tensor() {
         err.contains("model.safetensors") && err.contains("special_care_embeds_weights"),
         "{err}"
     );
+
+    // A config that disagrees with the weights: the shape error names the tensor.
+    let bad = tmp.join("text_encoder_bad");
+    copy_without(&src, &bad, "text_projection.weight");
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let config = config.replace("\"intermediate_size\": 125", "\"intermediate_size\": 99");
+    std::fs::write(bad.join("config.json"), config).unwrap();
+    let err = TextEncoder::load(&bad, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    println!("{err}");
+    assert!(err.contains("fc1") && err.contains("shape"), "{err}");
     let _ = std::fs::remove_dir_all(&tmp);
 }

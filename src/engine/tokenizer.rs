@@ -79,11 +79,20 @@ impl ClipTokenizer {
     /// Loads the tokenizer of a diffusers `tokenizer/` (or `tokenizer_2/`) folder.
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
         let config_file = dir.join("tokenizer_config.json");
-        let config: TokenizerConfig = if config_file.is_file() {
+        let mut config: TokenizerConfig = if config_file.is_file() {
             read_json(&config_file)?
         } else {
             TokenizerConfig::default()
         };
+        // transformers lets `special_tokens_map.json` override the config (SD 2.x pads with `!`).
+        let map_file = dir.join("special_tokens_map.json");
+        if map_file.is_file() {
+            let map: TokenizerConfig = read_json(&map_file)?;
+            config.bos_token = map.bos_token.or(config.bos_token);
+            config.eos_token = map.eos_token.or(config.eos_token);
+            config.unk_token = map.unk_token.or(config.unk_token);
+            config.pad_token = map.pad_token.or(config.pad_token);
+        }
         let bos = config
             .bos_token
             .as_ref()
@@ -296,6 +305,27 @@ mod tests {
         assert_eq!(ids.len(), 77);
         assert_eq!(ids[76], t.eos_id());
         assert!(t.token_count(&long).unwrap() >= 200);
+    }
+
+    #[test]
+    fn special_tokens_map_overrides_pad() {
+        let dir = std::env::temp_dir().join(format!("sdrun-tok-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
+            std::fs::copy(fixture("tiny-sd15/tokenizer").join(f), dir.join(f)).unwrap();
+        }
+        std::fs::write(
+            dir.join("special_tokens_map.json"),
+            r#"{"pad_token": "!", "bos_token": {"content": "<|startoftext|>", "lstrip": false}}"#,
+        )
+        .unwrap();
+        let t = ClipTokenizer::load(&dir).unwrap();
+        assert_eq!(t.pad_id(), 0);
+        assert_eq!(t.bos_id(), 49406);
+        // As in transformers, the pad token is a special added token: `!` in a prompt maps to it.
+        let b = ClipTokenizer::load(&fixture("tiny-sdxl-base/tokenizer_2")).unwrap();
+        assert_eq!(t.encode("wow! ok").unwrap(), b.encode("wow! ok").unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
