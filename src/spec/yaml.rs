@@ -157,6 +157,12 @@ fn parse_inner(text: &str) -> Result<Option<Node>, SyntaxError> {
                     Some(node)
                 }
                 Some(Frame::Map(mut node, pairs, _)) => {
+                    // A block mapping's start mark lies after its first key: point at that key.
+                    if let Some((k, _)) = pairs.first() {
+                        if (k.line, k.col) < (node.line, node.col) {
+                            (node.line, node.col) = (k.line, k.col);
+                        }
+                    }
                     node.kind = NodeKind::Map(pairs);
                     Some(node)
                 }
