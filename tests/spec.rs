@@ -942,3 +942,39 @@ fn too_many_images_is_an_error() {
         "t.yaml:4:3: this spec asks for 12000000 images; at most 10000000 are allowed"
     );
 }
+
+#[test]
+fn json_specs_are_accepted() {
+    let json = serde_json::json!({
+        "version": 1,
+        "models": {"m": {"source": "hf:o/m", "dtype": "bf16"}},
+        "defaults": {"refiner": {"model": "m", "switch_at": 0.7}},
+        "jobs": [
+            {"name": "a", "prompts": ["x"], "seeds": {"from": 3, "count": 2}, "guidance": 6.5},
+            {"name": "b", "prompts": [{"prompt": "y"}], "refiner": null}
+        ]
+    });
+    for text in [
+        json.to_string(),
+        serde_json::to_string_pretty(&json).unwrap(),
+    ] {
+        let s = spec::load_str(&text, "body.json", &specs_dir()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.models["m"].dtype, Precision::Bf16);
+        assert_eq!(s.jobs[0].seeds, vec![3, 4]);
+        assert_eq!(s.jobs[0].params.guidance, 6.5);
+        assert_eq!(
+            s.jobs[0].params.refiner,
+            Some(RefinerStage {
+                model: "m".into(),
+                switch_at: 0.7
+            })
+        );
+        assert_eq!(
+            s.jobs[1].params.refiner, None,
+            "refiner: null turns off the defaults' refiner"
+        );
+        assert_eq!(s.output, specs_dir().join("out/body"));
+    }
+    let e = spec::load_str("{\"version\": 1, \"jobs\": [}", "body.json", &specs_dir()).unwrap_err();
+    assert!(e.to_string().starts_with("body.json:1:"), "{e}");
+}

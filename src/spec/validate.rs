@@ -751,9 +751,7 @@ pub fn check_checker_dir(dir: &Path, as_written: &str) -> Result<PathBuf, String
 /// Validates the whole tree. Diagnostics are left in `cx.diags`; the spec is returned when the
 /// tree was complete enough to build one (the caller discards it if any diagnostic exists).
 pub(crate) fn validate(cx: &mut Ctx<'_>, root: &Node, file: &Path) -> Option<Spec> {
-    let Some(top) = cx.map(root, "the spec", Some(TOP_KEYS)) else {
-        return None;
-    };
+    let top = cx.map(root, "the spec", Some(TOP_KEYS))?;
 
     match top.get("version") {
         None => cx.err(root, "missing `version: 1`"),

@@ -150,7 +150,7 @@ pub fn parse_bytes(field: &str, s: &str) -> Result<u64, String> {
     }
     let v: f64 = num.parse().map_err(|_| bad())?;
     let bytes = (v * mult).round();
-    if !(bytes >= 1.0 && bytes < 1.8e19) {
+    if !(1.0..1.8e19).contains(&bytes) {
         return Err(format!("`{field}` must be more than 0 bytes, got `{s}`"));
     }
     Ok(bytes as u64)
