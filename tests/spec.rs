@@ -978,3 +978,30 @@ fn json_specs_are_accepted() {
     let e = spec::load_str("{\"version\": 1, \"jobs\": [}", "body.json", &specs_dir()).unwrap_err();
     assert!(e.to_string().starts_with("body.json:1:"), "{e}");
 }
+
+#[test]
+fn huge_inputs_stay_fast_and_bounded() {
+    let t = std::time::Instant::now();
+    // 100,000 unknown keys: linear work, capped report.
+    let keys: String = (0..100_000).map(|i| format!("k{i}: 1\n")).collect();
+    let e = spec::load_str(&format!("version: 1\n{keys}"), "h.yaml", &specs_dir()).unwrap_err();
+    assert_eq!(e.0.len(), spec::MAX_DIAGNOSTICS + 1);
+    assert!(
+        e.0.last().unwrap().message.starts_with("... and "),
+        "{}",
+        e.0.last().unwrap()
+    );
+    // Many jobs sharing a huge seed range from defaults: stops at the image limit.
+    let jobs: String = (0..1000)
+        .map(|i| format!("  - {{name: j{i}, prompts: [x]}}\n"))
+        .collect();
+    let text = format!(
+        "version: 1\nmodels: {{m: {{source: hf:o/m}}}}\ndefaults:\n  seeds: {{from: 0, count: 9000000}}\njobs:\n{jobs}"
+    );
+    let e = spec::load_str(&text, "h.yaml", &specs_dir()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "h.yaml:6:3: this spec asks for 18000000 images; at most 10000000 are allowed"
+    );
+    assert!(t.elapsed().as_secs_f64() < 10.0, "took {:?}", t.elapsed());
+}

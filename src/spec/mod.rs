@@ -21,6 +21,9 @@ pub use expand::{expand, grid_points, job_image_count};
 pub use types::*;
 pub use values::apply_grid_value;
 
+/// Most diagnostics reported for one spec (the rest are counted).
+pub const MAX_DIAGNOSTICS: usize = 200;
+
 /// Largest spec file [`load`] reads.
 pub const MAX_SPEC_BYTES: u64 = 16 << 20;
 
@@ -103,6 +106,18 @@ pub fn load_str_with(
         Some(spec) if diags.is_empty() => Ok(spec),
         _ => {
             diags.sort_by_key(|d| (d.line, d.col));
+            if diags.len() > MAX_DIAGNOSTICS {
+                let more = diags.len() - MAX_DIAGNOSTICS;
+                diags.truncate(MAX_DIAGNOSTICS);
+                let last = &diags[MAX_DIAGNOSTICS - 1];
+                let (line, col) = (last.line, last.col);
+                diags.push(Diagnostic {
+                    file: file_label.to_string(),
+                    line,
+                    col,
+                    message: format!("... and {more} more problems"),
+                });
+            }
             if diags.is_empty() {
                 diags.push(Diagnostic {
                     file: file_label.to_string(),

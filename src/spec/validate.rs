@@ -1,6 +1,6 @@
 //! Turns a YAML node tree into a validated [`Spec`], collecting every problem with its position.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use super::diag::Diagnostic;
@@ -201,6 +201,7 @@ impl<'o> Ctx<'o> {
             return None;
         };
         let mut out: Vec<(&'a str, &'a Node, &'a Node)> = Vec::with_capacity(pairs.len());
+        let mut seen: HashSet<&'a str> = HashSet::with_capacity(pairs.len());
         for (k, v) in pairs {
             let Some(name) = k.scalar() else {
                 self.err(
@@ -209,7 +210,7 @@ impl<'o> Ctx<'o> {
                 );
                 continue;
             };
-            if out.iter().any(|(seen, _, _)| *seen == name) {
+            if !seen.insert(name) {
                 self.err(k, format!("duplicate key `{name}`"));
                 continue;
             }
@@ -884,6 +885,10 @@ pub(crate) fn validate(cx: &mut Ctx<'_>, root: &Node, file: &Path) -> Option<Spe
                     .saturating_mul(job.seeds.len() as u64);
                 total = total.saturating_add(n);
                 jobs.push(job);
+            }
+            if total > MAX_IMAGES {
+                // Stop here: later jobs would only hold more seeds in memory.
+                break;
             }
         }
         if total > MAX_IMAGES {
