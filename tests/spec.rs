@@ -119,6 +119,10 @@ fn size_must_be_width_x_height_multiples_of_8() {
         &["t.yaml:10:11: `size` width and height must be positive multiples of 8 (at most 16384), got 500x512"],
     );
     assert_errors(
+        &with_job("    size: [512, 512]\n"),
+        &["t.yaml:10:11: `size` must be WIDTHxHEIGHT (e.g. 512x768)"],
+    );
+    assert_errors(
         &with_job("    size: 0x512\n"),
         &["t.yaml:10:11: `size` width and height must be positive multiples of 8 (at most 16384), got 0x512"],
     );
@@ -746,6 +750,7 @@ fn campaign_parses() {
     );
     let imgs = expand(&s);
     assert_eq!(imgs.len(), 64 + 16 + 16 + 12);
+    assert_eq!(image_count(&s), imgs.len());
 }
 
 #[test]

@@ -43,6 +43,13 @@ pub fn job_image_count(job: &Job) -> usize {
         .saturating_mul(job.seeds.len())
 }
 
+/// How many images a spec asks for (the length of [`expand`]'s result).
+pub fn image_count(spec: &Spec) -> usize {
+    spec.jobs
+        .iter()
+        .fold(0usize, |acc, j| acc.saturating_add(job_image_count(j)))
+}
+
 /// Expands a spec into its images, in this order:
 ///
 /// for each job (in spec order) → for each prompt (in order) → for each grid point (cartesian

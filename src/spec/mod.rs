@@ -17,7 +17,7 @@ use std::path::Path;
 
 pub use config::{find_config, MachineConfig, ServerConfig, StoreConfig};
 pub use diag::{Diagnostic, SpecErrors};
-pub use expand::{expand, grid_points, job_image_count};
+pub use expand::{expand, grid_points, image_count, job_image_count};
 pub use types::*;
 pub use values::apply_grid_value;
 

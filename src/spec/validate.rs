@@ -247,6 +247,17 @@ impl<'o> Ctx<'o> {
         }
     }
 
+    /// A non-null scalar (quoted or not), or the type error `msg`.
+    fn scalar_or<'a>(&mut self, n: &'a Node, msg: &str) -> Option<&'a str> {
+        match &n.kind {
+            NodeKind::Scalar { text, .. } if !n.is_null() => Some(text),
+            _ => {
+                self.err(n, msg.to_string());
+                None
+            }
+        }
+    }
+
     /// A plain (unquoted) scalar, or the type error `msg`.
     fn plain<'a>(&mut self, n: &'a Node, msg: &str) -> Option<&'a str> {
         match &n.kind {
@@ -428,7 +439,7 @@ impl<'o> Ctx<'o> {
                 Param::Scheduler(self.check(n, values::parse_scheduler(t))?)
             }
             "size" => {
-                let t = self.string(n, field)?;
+                let t = self.scalar_or(n, "`size` must be WIDTHxHEIGHT (e.g. 512x768)")?;
                 let (w, h) = self.check(n, values::parse_size("size", t))?;
                 Param::Size(w, h)
             }
@@ -469,7 +480,8 @@ impl<'o> Ctx<'o> {
                 if n.is_null() {
                     return Some(Param::OriginalSize(None));
                 }
-                let t = self.string(n, field)?;
+                let t =
+                    self.scalar_or(n, "`original_size` must be WIDTHxHEIGHT (e.g. 1024x1024)")?;
                 Param::OriginalSize(Some(self.check(n, values::parse_original_size(t))?))
             }
             "crop" => {
