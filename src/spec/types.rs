@@ -292,3 +292,34 @@ pub struct ImageRequest {
     /// The grid point's (field, value) pairs, for labels.
     pub grid_point: Vec<(String, String)>,
 }
+
+/// `device` of `sd-run.toml` (and `--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA or Metal when built in and available, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl DeviceChoice {
+    /// The spelling in `sd-run.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+            Self::Metal => "metal",
+        }
+    }
+
+    /// Parses `auto`, `cpu`, `cuda` or `metal`.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Auto, Self::Cpu, Self::Cuda, Self::Metal]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+    }
+}
