@@ -254,7 +254,7 @@ impl Vae {
         if !(config.scaling_factor.is_finite() && config.scaling_factor != 0.0) {
             return Err(bad("scaling_factor", format!("{} is not a usable scale", config.scaling_factor)));
         }
-        let file = weights::component_file(dir)?;
+        let file = super::hub::component_weights(dir, dtype == DType::F16)?;
         let vb = weights::open(&file, dtype, device)?;
         let build = || -> Result<Self> {
             let lc = config.latent_channels;

@@ -71,7 +71,7 @@ impl UNet {
         let cfg_file = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_file).map_err(|e| EngineError::Load { file: cfg_file.clone(), message: e.to_string() })?;
         let config = UNetConfig::from_json(&text, &cfg_file)?;
-        let file = weights::component_file(dir)?;
+        let file = crate::engine::hub::component_weights(dir, dtype == DType::F16)?;
         let vb = weights::open(&file, dtype, device)?;
         Self::build(config, &cfg_file, vb).map_err(|e| match e {
             // The VarBuilder's messages already name the file and the tensor.
