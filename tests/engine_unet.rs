@@ -16,32 +16,69 @@ fn model(name: &str) -> PathBuf {
 }
 
 fn case(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(golden().join("cases").join(format!("{name}.safetensors")), &Device::Cpu).expect("golden case")
+    candle_core::safetensors::load(
+        golden().join("cases").join(format!("{name}.safetensors")),
+        &Device::Cpu,
+    )
+    .expect("golden case")
 }
 
 /// (max |a - b|, max |b|)
 fn diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
     assert_eq!(a.dims(), b.dims());
-    let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let m = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     (d, m)
 }
 
 fn check(what: &str, got: &Tensor, want: &Tensor) {
     let (d, m) = diff(got, want);
-    println!("{what}: max abs diff {d:e} (reference max abs {m}, ratio {:e})", d / m);
+    println!(
+        "{what}: max abs diff {d:e} (reference max abs {m}, ratio {:e})",
+        d / m
+    );
     assert!(d <= 1e-4 * m, "{what}: max abs diff {d} exceeds 1e-4 x {m}");
 }
 
 fn timestep(c: &HashMap<String, Tensor>) -> f64 {
-    c["unet_timestep"].to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[0]
+    c["unet_timestep"]
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()[0]
 }
 
 #[test]
 fn unet_sd15_matches_diffusers() {
     let c = case("components_tiny-sd15");
     let unet = UNet::load(&model("tiny-sd15/unet"), &Device::Cpu, DType::F32).unwrap();
-    let out = unet.forward(&c["unet_sample"], timestep(&c), &c["unet_encoder_hidden_states"], None).unwrap();
+    let out = unet
+        .forward(
+            &c["unet_sample"],
+            timestep(&c),
+            &c["unet_encoder_hidden_states"],
+            None,
+        )
+        .unwrap();
     check("unet tiny-sd15", &out, &c["unet_out"]);
 }
 
@@ -50,7 +87,14 @@ fn unet_attention_slicing_gives_the_same_numbers() {
     let c = case("components_tiny-sd15");
     let mut unet = UNet::load(&model("tiny-sd15/unet"), &Device::Cpu, DType::F32).unwrap();
     unet.set_attention_slice(Some(5));
-    let out = unet.forward(&c["unet_sample"], timestep(&c), &c["unet_encoder_hidden_states"], None).unwrap();
+    let out = unet
+        .forward(
+            &c["unet_sample"],
+            timestep(&c),
+            &c["unet_encoder_hidden_states"],
+            None,
+        )
+        .unwrap();
     check("unet tiny-sd15 sliced", &out, &c["unet_out"]);
 }
 
@@ -58,11 +102,28 @@ fn unet_attention_slicing_gives_the_same_numbers() {
 fn unet_sdxl_base_matches_diffusers() {
     let c = case("components_tiny-sdxl-base");
     let unet = UNet::load(&model("tiny-sdxl-base/unet"), &Device::Cpu, DType::F32).unwrap();
-    let added = AddedCond { text_embeds: c["unet_text_embeds"].clone(), time_ids: c["unet_time_ids"].clone() };
-    let out = unet.forward(&c["unet_sample"], timestep(&c), &c["unet_encoder_hidden_states"], Some(&added)).unwrap();
+    let added = AddedCond {
+        text_embeds: c["unet_text_embeds"].clone(),
+        time_ids: c["unet_time_ids"].clone(),
+    };
+    let out = unet
+        .forward(
+            &c["unet_sample"],
+            timestep(&c),
+            &c["unet_encoder_hidden_states"],
+            Some(&added),
+        )
+        .unwrap();
     check("unet tiny-sdxl-base", &out, &c["unet_out"]);
     // Without the added conditioning, a text_time UNet refuses rather than guessing.
-    assert!(unet.forward(&c["unet_sample"], timestep(&c), &c["unet_encoder_hidden_states"], None).is_err());
+    assert!(unet
+        .forward(
+            &c["unet_sample"],
+            timestep(&c),
+            &c["unet_encoder_hidden_states"],
+            None
+        )
+        .is_err());
 }
 
 #[test]
@@ -106,7 +167,8 @@ fn sdxl_refiner_unet_forward_shape() {
         sd_run::engine::unet::PerBlock::One(d) => *d,
         sd_run::engine::unet::PerBlock::Each(v) => v[0],
     };
-    let pooled = cfg.projection_class_embeddings_input_dim.unwrap() - 5 * cfg.addition_time_embed_dim.unwrap();
+    let pooled = cfg.projection_class_embeddings_input_dim.unwrap()
+        - 5 * cfg.addition_time_embed_dim.unwrap();
     let dev = Device::Cpu;
     let sample = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, 8, 8), &dev).unwrap();
     let ctx = Tensor::randn(0f32, 1.0, (2, 77, ctx_dim), &dev).unwrap();
@@ -117,9 +179,18 @@ fn sdxl_refiner_unet_forward_shape() {
     let out = unet.forward(&sample, 500.5, &ctx, Some(&added)).unwrap();
     assert_eq!(out.dims(), &[2, cfg.out_channels, 8, 8]);
     // A base-style (B, 6) time_ids does not fit the refiner's projection: an error, not a panic.
-    let wrong = AddedCond { time_ids: Tensor::zeros((2, 6), DType::F32, &dev).unwrap(), ..added };
-    let err = unet.forward(&sample, 500.0, &ctx, Some(&wrong)).unwrap_err().to_string();
-    assert!(err.contains("projection_class_embeddings_input_dim"), "{err}");
+    let wrong = AddedCond {
+        time_ids: Tensor::zeros((2, 6), DType::F32, &dev).unwrap(),
+        ..added
+    };
+    let err = unet
+        .forward(&sample, 500.0, &ctx, Some(&wrong))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("projection_class_embeddings_input_dim"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -165,17 +236,25 @@ fn edited_unet(name: &str, edit: impl Fn(&str, &[usize]) -> Option<Vec<usize>>) 
     let mut kept = Vec::new();
     for (n, view) in st.tensors() {
         if let Some(shape) = edit(&n, view.shape()) {
-            kept.push((n, safetensors::tensor::TensorView::new(view.dtype(), shape, view.data()).unwrap()));
+            kept.push((
+                n,
+                safetensors::tensor::TensorView::new(view.dtype(), shape, view.data()).unwrap(),
+            ));
         }
     }
-    safetensors::serialize_to_file(kept, None, &dst.join("diffusion_pytorch_model.safetensors")).unwrap();
+    safetensors::serialize_to_file(kept, None, &dst.join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
     dst
 }
 
 #[test]
 fn missing_tensor_names_file_and_tensor() {
-    let dir = edited_unet("missing", |n, s| (n != "time_embedding.linear_2.bias").then(|| s.to_vec()));
-    let err = UNet::load(&dir, &Device::Cpu, DType::F32).unwrap_err().to_string();
+    let dir = edited_unet("missing", |n, s| {
+        (n != "time_embedding.linear_2.bias").then(|| s.to_vec())
+    });
+    let err = UNet::load(&dir, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
     println!("{err}");
     assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
     assert!(err.contains("time_embedding.linear_2.bias"), "{err}");
@@ -192,7 +271,9 @@ fn wrongly_shaped_tensor_names_file_and_tensor() {
             Some(s.to_vec())
         }
     });
-    let err = UNet::load(&dir, &Device::Cpu, DType::F32).unwrap_err().to_string();
+    let err = UNet::load(&dir, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
     println!("{err}");
     assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
     assert!(err.contains("conv_in.weight"), "{err}");
@@ -205,7 +286,10 @@ fn bad_config_field_names_config_and_field() {
     let cases: &[(&str, serde_json::Value)] = &[
         ("resnet_time_scale_shift", serde_json::json!("scale_shift")),
         ("class_embed_type", serde_json::json!("timestep")),
-        ("down_block_types", serde_json::json!(["SimpleCrossAttnDownBlock2D", "DownBlock2D"])),
+        (
+            "down_block_types",
+            serde_json::json!(["SimpleCrossAttnDownBlock2D", "DownBlock2D"]),
+        ),
         ("attention_head_dim", serde_json::json!([4, 4, 4])),
         ("layers_per_block", serde_json::json!("two")),
         ("addition_embed_type", serde_json::json!("text")),
@@ -214,12 +298,18 @@ fn bad_config_field_names_config_and_field() {
         let dst = temp_dir(&format!("cfg{i}")).join("unet");
         copy_dir(&model("tiny-sd15/unet"), &dst);
         let cfg_path = dst.join("config.json");
-        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
         cfg[*field] = value.clone();
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
-        let err = UNet::load(&dst, &Device::Cpu, DType::F32).unwrap_err().to_string();
+        let err = UNet::load(&dst, &Device::Cpu, DType::F32)
+            .unwrap_err()
+            .to_string();
         println!("{err}");
-        assert!(err.contains("config.json") && err.contains(field), "{field}: {err}");
+        assert!(
+            err.contains("config.json") && err.contains(field),
+            "{field}: {err}"
+        );
         let _ = std::fs::remove_dir_all(dst.parent().unwrap());
     }
 }
@@ -242,13 +332,19 @@ mod hub {
     }
 
     fn hf(rev: Option<&str>) -> ModelSource {
-        ModelSource::Hf { repo: "org/tiny".into(), revision: rev.map(String::from) }
+        ModelSource::Hf {
+            repo: "org/tiny".into(),
+            revision: rev.map(String::from),
+        }
     }
 
     #[test]
     fn offline_resolution_from_the_cache() {
         let root = cache("hub-ok");
-        let opts = HubOptions { cache_dir: root.clone(), offline: true };
+        let opts = HubOptions {
+            cache_dir: root.clone(),
+            offline: true,
+        };
         let snap = root.join("models--org--tiny/snapshots").join(COMMIT);
         for rev in [None, Some("main"), Some(COMMIT)] {
             let dir = resolve(&hf(rev), Precision::F32, &opts).unwrap();
@@ -257,11 +353,18 @@ mod hub {
         let dir = resolve(&hf(None), Precision::F16, &opts).unwrap();
         UNet::load(&dir.join("unet"), &Device::Cpu, DType::F32).unwrap();
         // An unknown revision or repo is an error naming it.
-        let err = resolve(&hf(Some("v2")), Precision::F32, &opts).unwrap_err().to_string();
+        let err = resolve(&hf(Some("v2")), Precision::F32, &opts)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("org/tiny@v2"), "{err}");
         // A path source is its own folder.
-        let p = ModelSource::Path { path: model("tiny-sd15") };
-        assert_eq!(resolve(&p, Precision::F32, &opts).unwrap(), model("tiny-sd15"));
+        let p = ModelSource::Path {
+            path: model("tiny-sd15"),
+        };
+        assert_eq!(
+            resolve(&p, Precision::F32, &opts).unwrap(),
+            model("tiny-sd15")
+        );
         let _ = std::fs::remove_dir_all(root);
     }
 
@@ -270,12 +373,22 @@ mod hub {
         let root = cache("hub-missing");
         let snap = root.join("models--org--tiny/snapshots").join(COMMIT);
         std::fs::remove_file(snap.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
-        let opts = HubOptions { cache_dir: root.clone(), offline: true };
-        let err = resolve(&hf(None), Precision::F32, &opts).unwrap_err().to_string();
+        let opts = HubOptions {
+            cache_dir: root.clone(),
+            offline: true,
+        };
+        let err = resolve(&hf(None), Precision::F32, &opts)
+            .unwrap_err()
+            .to_string();
         println!("{err}");
-        assert!(err.contains("vae/diffusion_pytorch_model.safetensors") && err.contains("org/tiny"), "{err}");
+        assert!(
+            err.contains("vae/diffusion_pytorch_model.safetensors") && err.contains("org/tiny"),
+            "{err}"
+        );
         std::fs::remove_file(snap.join("scheduler/scheduler_config.json")).unwrap();
-        let err = resolve(&hf(None), Precision::F32, &opts).unwrap_err().to_string();
+        let err = resolve(&hf(None), Precision::F32, &opts)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("scheduler/scheduler_config.json"), "{err}");
         let _ = std::fs::remove_dir_all(root);
     }

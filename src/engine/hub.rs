@@ -28,10 +28,20 @@ impl HubOptions {
         } else if let Some(h) = var("HF_HOME") {
             PathBuf::from(h).join("hub")
         } else {
-            let home = var("HOME").or_else(|| var("USERPROFILE")).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+            let home = var("HOME")
+                .or_else(|| var("USERPROFILE"))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
             home.join(".cache").join("huggingface").join("hub")
         };
-        let offline = std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")).unwrap_or(false);
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .map(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "1" | "true" | "yes" | "on"
+                )
+            })
+            .unwrap_or(false);
         Self { cache_dir, offline }
     }
 }
@@ -39,7 +49,10 @@ impl HubOptions {
 /// Weight file names of a component folder, in order of preference for `prefer_fp16`.
 fn weight_names(prefer_fp16: bool) -> [&'static str; 4] {
     let plain = ["diffusion_pytorch_model.safetensors", "model.safetensors"];
-    let fp16 = ["diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors"];
+    let fp16 = [
+        "diffusion_pytorch_model.fp16.safetensors",
+        "model.fp16.safetensors",
+    ];
     if prefer_fp16 {
         [fp16[0], fp16[1], plain[0], plain[1]]
     } else {
@@ -82,7 +95,10 @@ fn kind(class: &str) -> Kind {
 /// The component folders of a `model_index.json` whose class is not null, with their class.
 fn components(index_file: &Path) -> Result<Vec<(String, String)>, EngineError> {
     let v: serde_json::Value = weights::read_json(index_file)?;
-    let obj = v.as_object().ok_or_else(|| EngineError::Load { file: index_file.to_path_buf(), message: "not a JSON object".into() })?;
+    let obj = v.as_object().ok_or_else(|| EngineError::Load {
+        file: index_file.to_path_buf(),
+        message: "not a JSON object".into(),
+    })?;
     let mut out = Vec::new();
     for (name, value) in obj {
         if name.starts_with('_') {
@@ -98,8 +114,12 @@ fn components(index_file: &Path) -> Result<Vec<(String, String)>, EngineError> {
 }
 
 /// The files of the repo the pipeline needs, chosen among `available` (repo-relative paths).
-/// Errors name the first required file that is missing.
-fn needed_files(comps: &[(String, String)], available: &BTreeSet<String>, prefer_fp16: bool) -> Result<Vec<String>, String> {
+/// Errors name the first required file that is missing (and what would also do).
+fn needed_files(
+    comps: &[(String, String)],
+    available: &BTreeSet<String>,
+    prefer_fp16: bool,
+) -> Result<Vec<String>, (String, &'static str)> {
     let mut out = vec!["model_index.json".to_string()];
     for (comp, class) in comps {
         let has = |f: &str| available.contains(&format!("{comp}/{f}"));
@@ -107,14 +127,24 @@ fn needed_files(comps: &[(String, String)], available: &BTreeSet<String>, prefer
         match kind(class) {
             Kind::Scheduler => {
                 if !has("scheduler_config.json") {
-                    return Err(format!("{comp}/scheduler_config.json"));
+                    return Err((format!("{comp}/scheduler_config.json"), ""));
                 }
                 take("scheduler_config.json");
             }
             Kind::Tokenizer => {
-                let files = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"];
-                if !has("tokenizer.json") && !(has("vocab.json") && has("merges.txt")) {
-                    return Err(format!("{comp}/tokenizer.json (or vocab.json + merges.txt)"));
+                let files = [
+                    "tokenizer.json",
+                    "vocab.json",
+                    "merges.txt",
+                    "tokenizer_config.json",
+                    "special_tokens_map.json",
+                ];
+                let bpe = has("vocab.json") && has("merges.txt");
+                if !has("tokenizer.json") && !bpe {
+                    return Err((
+                        format!("{comp}/tokenizer.json"),
+                        " (nor vocab.json + merges.txt)",
+                    ));
                 }
                 for f in files.iter().filter(|f| has(f)) {
                     take(f);
@@ -122,18 +152,23 @@ fn needed_files(comps: &[(String, String)], available: &BTreeSet<String>, prefer
             }
             Kind::FeatureExtractor => {
                 if !has("preprocessor_config.json") {
-                    return Err(format!("{comp}/preprocessor_config.json"));
+                    return Err((format!("{comp}/preprocessor_config.json"), ""));
                 }
                 take("preprocessor_config.json");
             }
             Kind::Model => {
                 if !has("config.json") {
-                    return Err(format!("{comp}/config.json"));
+                    return Err((format!("{comp}/config.json"), ""));
                 }
                 take("config.json");
                 match weight_names(prefer_fp16).into_iter().find(|f| has(f)) {
                     Some(w) => take(w),
-                    None => return Err(format!("{comp}/diffusion_pytorch_model.safetensors (or model.safetensors; .bin/.ckpt are not read)")),
+                    None => {
+                        return Err((
+                            format!("{comp}/diffusion_pytorch_model.safetensors"),
+                            " (nor model.safetensors; .bin/.ckpt are not read)",
+                        ))
+                    }
                 }
             }
         }
@@ -144,14 +179,21 @@ fn needed_files(comps: &[(String, String)], available: &BTreeSet<String>, prefer
 /// All files under `dir`, as `/`-separated paths relative to it.
 fn list_files(dir: &Path) -> BTreeSet<String> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
-        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
                 walk(root, &p, out);
             } else if p.is_file() {
                 if let Ok(rel) = p.strip_prefix(root) {
-                    out.insert(rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect::<Vec<_>>().join("/"));
+                    out.insert(
+                        rel.components()
+                            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                            .collect::<Vec<_>>()
+                            .join("/"),
+                    );
                 }
             }
         }
@@ -164,13 +206,20 @@ fn list_files(dir: &Path) -> BTreeSet<String> {
 /// Resolves a model source to a diffusers-layout folder. A path source returns its folder; an
 /// `hf:` source returns the cache snapshot (`.../models--ORG--NAME/snapshots/<commit>/`) after
 /// downloading what the pipeline reads (online) or checking it is all cached (offline).
-pub fn resolve(source: &ModelSource, dtype: Precision, opts: &HubOptions) -> Result<PathBuf, EngineError> {
+pub fn resolve(
+    source: &ModelSource,
+    dtype: Precision,
+    opts: &HubOptions,
+) -> Result<PathBuf, EngineError> {
     match source {
         ModelSource::Path { path } => {
             if path.is_dir() {
                 Ok(path.clone())
             } else {
-                Err(EngineError::Load { file: path.clone(), message: "model folder not found".into() })
+                Err(EngineError::Load {
+                    file: path.clone(),
+                    message: "model folder not found".into(),
+                })
             }
         }
         ModelSource::Hf { repo, revision } => {
@@ -189,13 +238,24 @@ fn hf_name(repo: &str, rev: &str) -> String {
     format!("hf:{repo}@{rev}")
 }
 
-fn resolve_offline(repo: &str, rev: &str, prefer_fp16: bool, cache_dir: &Path) -> Result<PathBuf, EngineError> {
+fn resolve_offline(
+    repo: &str,
+    rev: &str,
+    prefer_fp16: bool,
+    cache_dir: &Path,
+) -> Result<PathBuf, EngineError> {
     let r = Repo::with_revision(repo.to_string(), RepoType::Model, rev.to_string());
     let repo_dir = cache_dir.join(r.folder_name());
     let snapshots = repo_dir.join("snapshots");
     // A ref name (refs/<rev> holds the commit) or a commit hash (snapshots/<rev> exists).
-    let commit = match Cache::new(cache_dir.to_path_buf()).repo(r.clone()).get("model_index.json") {
-        Some(p) => p.parent().and_then(|s| s.file_name()).map(|s| s.to_string_lossy().into_owned()),
+    let commit = match Cache::new(cache_dir.to_path_buf())
+        .repo(r.clone())
+        .get("model_index.json")
+    {
+        Some(p) => p
+            .parent()
+            .and_then(|s| s.file_name())
+            .map(|s| s.to_string_lossy().into_owned()),
         None => None,
     };
     let commit = match commit {
@@ -217,43 +277,81 @@ fn resolve_offline(repo: &str, rev: &str, prefer_fp16: bool, cache_dir: &Path) -
     let snapshot = snapshots.join(&commit);
     let index = snapshot.join("model_index.json");
     if !index.is_file() {
-        return Err(EngineError::Load { file: index, message: format!("{}: model_index.json is not cached (offline)", hf_name(repo, rev)) });
+        return Err(EngineError::Load {
+            file: index,
+            message: format!(
+                "{}: model_index.json is not cached (offline)",
+                hf_name(repo, rev)
+            ),
+        });
     }
     let comps = components(&index)?;
     let available = list_files(&snapshot);
-    needed_files(&comps, &available, prefer_fp16).map_err(|missing| EngineError::Load {
+    needed_files(&comps, &available, prefer_fp16).map_err(|(missing, note)| EngineError::Load {
         file: snapshot.join(&missing),
-        message: format!("{}: `{missing}` is not cached (offline)", hf_name(repo, rev)),
+        message: format!(
+            "{}: `{missing}` is not cached{note} (offline)",
+            hf_name(repo, rev)
+        ),
     })?;
     Ok(snapshot)
 }
 
-fn resolve_online(repo: &str, rev: &str, prefer_fp16: bool, cache_dir: &Path) -> Result<PathBuf, EngineError> {
+fn resolve_online(
+    repo: &str,
+    rev: &str,
+    prefer_fp16: bool,
+    cache_dir: &Path,
+) -> Result<PathBuf, EngineError> {
     let cache = Cache::new(cache_dir.to_path_buf());
-    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| cache.token());
-    let mut builder = ApiBuilder::from_cache(cache).with_progress(false).with_token(token);
+    let token = std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| cache.token());
+    let mut builder = ApiBuilder::from_cache(cache)
+        .with_progress(false)
+        .with_token(token);
     if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
         builder = builder.with_endpoint(endpoint);
     }
     let name = hf_name(repo, rev);
-    let net = |file: &str, e: hf_hub::api::sync::ApiError| EngineError::Load { file: PathBuf::from(file), message: format!("{name}: {e}") };
+    let net = |file: &str, e: hf_hub::api::sync::ApiError| EngineError::Load {
+        file: PathBuf::from(file),
+        message: format!("{name}: {e}"),
+    };
     let api = builder.build().map_err(|e| net("(hub client)", e))?;
-    let api_repo = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev.to_string()));
+    let api_repo = api.repo(Repo::with_revision(
+        repo.to_string(),
+        RepoType::Model,
+        rev.to_string(),
+    ));
     let info = api_repo.info().map_err(|e| net("(repo info)", e))?;
     let available: BTreeSet<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
     if !available.contains("model_index.json") {
-        return Err(EngineError::Load { file: PathBuf::from("model_index.json"), message: format!("{name}: the repo has no model_index.json (not a diffusers pipeline)") });
+        return Err(EngineError::Load {
+            file: PathBuf::from("model_index.json"),
+            message: format!("{name}: the repo has no model_index.json (not a diffusers pipeline)"),
+        });
     }
-    let index = api_repo.get("model_index.json").map_err(|e| net("model_index.json", e))?;
+    let index = api_repo
+        .get("model_index.json")
+        .map_err(|e| net("model_index.json", e))?;
     let comps = components(&index)?;
-    let files = needed_files(&comps, &available, prefer_fp16)
-        .map_err(|missing| EngineError::Load { file: PathBuf::from(&missing), message: format!("{name}: the repo has no `{missing}`") })?;
+    let files = needed_files(&comps, &available, prefer_fp16).map_err(|(missing, note)| {
+        EngineError::Load {
+            file: PathBuf::from(&missing),
+            message: format!("{name}: the repo has no `{missing}`{note}"),
+        }
+    })?;
     for f in &files {
         api_repo.get(f).map_err(|e| net(f, e))?;
     }
     let snapshot = index
         .parent()
         .map(Path::to_path_buf)
-        .ok_or_else(|| EngineError::Load { file: index.clone(), message: format!("{name}: unexpected cache layout") })?;
+        .ok_or_else(|| EngineError::Load {
+            file: index.clone(),
+            message: format!("{name}: unexpected cache layout"),
+        })?;
     Ok(snapshot)
 }

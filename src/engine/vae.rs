@@ -6,7 +6,9 @@ use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder}
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-use super::unet::blocks::{Activation, Attention, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::unet::blocks::{
+    Activation, Attention, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
+};
 use super::{weights, EngineError};
 
 /// The fields of a diffusers `AutoencoderKL` config, with diffusers' defaults.
@@ -63,18 +65,39 @@ struct Mid {
 }
 
 impl Mid {
-    fn new(vb: VarBuilder, ch: usize, groups: usize, act: Activation, attention: bool) -> Result<Self> {
-        let rc = ResnetConfig { in_channels: ch, out_channels: ch, temb_channels: None, groups, eps: EPS, act, output_scale_factor: 1.0 };
+    fn new(
+        vb: VarBuilder,
+        ch: usize,
+        groups: usize,
+        act: Activation,
+        attention: bool,
+    ) -> Result<Self> {
+        let rc = ResnetConfig {
+            in_channels: ch,
+            out_channels: ch,
+            temb_channels: None,
+            groups,
+            eps: EPS,
+            act,
+            output_scale_factor: 1.0,
+        };
         let resnet0 = ResnetBlock2D::new(vb.pp("resnets").pp(0), rc)?;
         let attn = if attention {
             let va = vb.pp("attentions").pp(0);
             // diffusers: heads = channels / attention_head_dim with attention_head_dim = channels.
-            Some((group_norm(groups, ch, EPS, va.pp("group_norm"))?, Attention::new(va, ch, None, 1, ch, true)?))
+            Some((
+                group_norm(groups, ch, EPS, va.pp("group_norm"))?,
+                Attention::new(va, ch, None, 1, ch, true)?,
+            ))
         } else {
             None
         };
         let resnet1 = ResnetBlock2D::new(vb.pp("resnets").pp(1), rc)?;
-        Ok(Self { resnet0, attn, resnet1 })
+        Ok(Self {
+            resnet0,
+            attn,
+            resnet1,
+        })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -82,7 +105,10 @@ impl Mid {
         if let Some((norm, attn)) = &self.attn {
             let (b, c, h, w) = x.dims4()?;
             let seq = norm.forward(&x)?.reshape((b, c, h * w))?.transpose(1, 2)?;
-            let out = attn.forward(&seq, None, None)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+            let out = attn
+                .forward(&seq, None, None)?
+                .transpose(1, 2)?
+                .reshape((b, c, h, w))?;
             x = (out + x)?;
         }
         self.resnet1.forward(&x, None)
@@ -110,7 +136,16 @@ struct Decoder {
 }
 
 fn conv3(i: usize, o: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv2d(i, o, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb)
+    conv2d(
+        i,
+        o,
+        3,
+        Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        },
+        vb,
+    )
 }
 
 impl Encoder {
@@ -138,14 +173,30 @@ impl Encoder {
                     ResnetBlock2D::new(vbb.pp("resnets").pp(j), rc)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let ds = if i + 1 < boc.len() { Some(Downsample2D::new(vbb.pp("downsamplers").pp(0), out_c, out_c, 0)?) } else { None };
+            let ds = if i + 1 < boc.len() {
+                Some(Downsample2D::new(
+                    vbb.pp("downsamplers").pp(0),
+                    out_c,
+                    out_c,
+                    0,
+                )?)
+            } else {
+                None
+            };
             down.push((resnets, ds));
         }
         let last = boc[boc.len() - 1];
         let mid = Mid::new(vb.pp("mid_block"), last, g, act, c.mid_block_add_attention)?;
         let norm_out = group_norm(g, last, EPS, vb.pp("conv_norm_out"))?;
         let conv_out = conv3(last, 2 * c.latent_channels, vb.pp("conv_out"))?;
-        Ok(Self { conv_in, down, mid, norm_out, conv_out, act })
+        Ok(Self {
+            conv_in,
+            down,
+            mid,
+            norm_out,
+            conv_out,
+            act,
+        })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -169,7 +220,13 @@ impl Decoder {
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let g = c.norm_num_groups;
         let conv_in = conv3(c.latent_channels, rev[0], vb.pp("conv_in"))?;
-        let mid = Mid::new(vb.pp("mid_block"), rev[0], g, act, c.mid_block_add_attention)?;
+        let mid = Mid::new(
+            vb.pp("mid_block"),
+            rev[0],
+            g,
+            act,
+            c.mid_block_add_attention,
+        )?;
         let mut up = Vec::new();
         let mut out_c = rev[0];
         for (i, &ch) in rev.iter().enumerate() {
@@ -190,13 +247,24 @@ impl Decoder {
                     ResnetBlock2D::new(vbb.pp("resnets").pp(j), rc)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let us = if i + 1 < rev.len() { Some(Upsample2D::new(vbb.pp("upsamplers").pp(0), out_c, out_c)?) } else { None };
+            let us = if i + 1 < rev.len() {
+                Some(Upsample2D::new(vbb.pp("upsamplers").pp(0), out_c, out_c)?)
+            } else {
+                None
+            };
             up.push((resnets, us));
         }
         let first = c.block_out_channels[0];
         let norm_out = group_norm(g, first, EPS, vb.pp("conv_norm_out"))?;
         let conv_out = conv3(first, c.out_channels, vb.pp("conv_out"))?;
-        Ok(Self { conv_in, mid, up, norm_out, conv_out, act })
+        Ok(Self {
+            conv_in,
+            mid,
+            up,
+            norm_out,
+            conv_out,
+            act,
+        })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -229,38 +297,70 @@ pub struct Vae {
 
 impl Vae {
     /// Loads `dir/config.json` and the weights of `dir` (a diffusers `vae/` folder).
-    pub fn load(dir: &Path, device: &Device, dtype: DType) -> std::result::Result<Self, EngineError> {
+    pub fn load(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> std::result::Result<Self, EngineError> {
         let cfg_file = dir.join("config.json");
         let config: VaeConfig = weights::read_json(&cfg_file)?;
-        let bad = |field: &str, message: String| EngineError::Load { file: cfg_file.clone(), message: format!("field `{field}`: {message}") };
-        let act = Activation::parse(&config.act_fn).ok_or_else(|| bad("act_fn", format!("unsupported activation {:?}", config.act_fn)))?;
+        let bad = |field: &str, message: String| EngineError::Load {
+            file: cfg_file.clone(),
+            message: format!("field `{field}`: {message}"),
+        };
+        let act = Activation::parse(&config.act_fn).ok_or_else(|| {
+            bad(
+                "act_fn",
+                format!("unsupported activation {:?}", config.act_fn),
+            )
+        })?;
         if config.block_out_channels.is_empty() {
             return Err(bad("block_out_channels", "empty".into()));
         }
         let g = config.norm_num_groups;
         if g == 0 || config.block_out_channels.iter().any(|c| c % g != 0) {
-            return Err(bad("norm_num_groups", format!("{g} does not divide every block_out_channels entry")));
+            return Err(bad(
+                "norm_num_groups",
+                format!("{g} does not divide every block_out_channels entry"),
+            ));
         }
         for t in &config.down_block_types {
             if t != "DownEncoderBlock2D" {
-                return Err(bad("down_block_types", format!("unsupported {t:?} (DownEncoderBlock2D)")));
+                return Err(bad(
+                    "down_block_types",
+                    format!("unsupported {t:?} (DownEncoderBlock2D)"),
+                ));
             }
         }
         for t in &config.up_block_types {
             if t != "UpDecoderBlock2D" {
-                return Err(bad("up_block_types", format!("unsupported {t:?} (UpDecoderBlock2D)")));
+                return Err(bad(
+                    "up_block_types",
+                    format!("unsupported {t:?} (UpDecoderBlock2D)"),
+                ));
             }
         }
         if !(config.scaling_factor.is_finite() && config.scaling_factor != 0.0) {
-            return Err(bad("scaling_factor", format!("{} is not a usable scale", config.scaling_factor)));
+            return Err(bad(
+                "scaling_factor",
+                format!("{} is not a usable scale", config.scaling_factor),
+            ));
         }
         let file = super::hub::component_weights(dir, dtype == DType::F16)?;
         let vb = weights::open(&file, dtype, device)?;
         let build = || -> Result<Self> {
             let lc = config.latent_channels;
             let cfg = Conv2dConfig::default();
-            let quant_conv = if config.use_quant_conv { Some(conv2d(2 * lc, 2 * lc, 1, cfg, vb.pp("quant_conv"))?) } else { None };
-            let post_quant_conv = if config.use_post_quant_conv { Some(conv2d(lc, lc, 1, cfg, vb.pp("post_quant_conv"))?) } else { None };
+            let quant_conv = if config.use_quant_conv {
+                Some(conv2d(2 * lc, 2 * lc, 1, cfg, vb.pp("quant_conv"))?)
+            } else {
+                None
+            };
+            let post_quant_conv = if config.use_post_quant_conv {
+                Some(conv2d(lc, lc, 1, cfg, vb.pp("post_quant_conv"))?)
+            } else {
+                None
+            };
             Ok(Self {
                 encoder: Encoder::new(vb.pp("encoder"), &config, act)?,
                 decoder: Decoder::new(vb.pp("decoder"), &config, act)?,
@@ -274,7 +374,10 @@ impl Vae {
         build().map_err(|e| {
             let m = e.to_string();
             let prefix = format!("{}: ", file.display());
-            EngineError::Load { file: file.clone(), message: m.strip_prefix(&prefix).unwrap_or(&m).to_string() }
+            EngineError::Load {
+                file: file.clone(),
+                message: m.strip_prefix(&prefix).unwrap_or(&m).to_string(),
+            }
         })
     }
 

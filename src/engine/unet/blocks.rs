@@ -4,7 +4,10 @@
 //! with its `TimestepEmbedding`.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{
+    conv2d, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, GroupNorm, LayerNorm,
+    Linear, VarBuilder,
+};
 
 /// An activation function named by a diffusers config (`act_fn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,8 +49,19 @@ impl Activation {
     }
 }
 
-fn conv(in_c: usize, out_c: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+fn conv(
+    in_c: usize,
+    out_c: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
     conv2d(in_c, out_c, k, cfg, vb)
 }
 
@@ -95,11 +109,27 @@ impl ResnetBlock2D {
         let norm2 = group_norm(c.groups, c.out_channels, c.eps, vb.pp("norm2"))?;
         let conv2 = conv(c.out_channels, c.out_channels, 3, 1, 1, vb.pp("conv2"))?;
         let conv_shortcut = if c.in_channels != c.out_channels {
-            Some(conv(c.in_channels, c.out_channels, 1, 1, 0, vb.pp("conv_shortcut"))?)
+            Some(conv(
+                c.in_channels,
+                c.out_channels,
+                1,
+                1,
+                0,
+                vb.pp("conv_shortcut"),
+            )?)
         } else {
             None
         };
-        Ok(Self { norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut, act: c.act, output_scale_factor: c.output_scale_factor })
+        Ok(Self {
+            norm1,
+            conv1,
+            time_emb_proj,
+            norm2,
+            conv2,
+            conv_shortcut,
+            act: c.act,
+            output_scale_factor: c.output_scale_factor,
+        })
     }
 
     /// Runs the block on `xs` (NCHW) with the optional time embedding `temb` (B, T).
@@ -107,7 +137,10 @@ impl ResnetBlock2D {
         let mut h = self.act.apply(&self.norm1.forward(xs)?)?;
         h = self.conv1.forward(&h)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&self.act.apply(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
+            let t = proj
+                .forward(&self.act.apply(temb)?)?
+                .unsqueeze(2)?
+                .unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
         h = self.act.apply(&self.norm2.forward(&h)?)?;
@@ -134,14 +167,24 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     /// Builds `conv` from `vb` (the caller passes `downsamplers.0`).
-    pub fn new(vb: VarBuilder, in_channels: usize, out_channels: usize, padding: usize) -> Result<Self> {
-        Ok(Self { conv: conv(in_channels, out_channels, 3, 2, padding, vb.pp("conv"))?, padding })
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            conv: conv(in_channels, out_channels, 3, 2, padding, vb.pp("conv"))?,
+            padding,
+        })
     }
 
     /// Halves the spatial size.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if self.padding == 0 {
-            let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+            let xs = xs
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
             self.conv.forward(&xs)
         } else {
             self.conv.forward(xs)
@@ -158,7 +201,9 @@ pub struct Upsample2D {
 impl Upsample2D {
     /// Builds `conv` from `vb` (the caller passes `upsamplers.0`).
     pub fn new(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
-        Ok(Self { conv: conv(in_channels, out_channels, 3, 1, 1, vb.pp("conv"))? })
+        Ok(Self {
+            conv: conv(in_channels, out_channels, 3, 1, 1, vb.pp("conv"))?,
+        })
     }
 
     /// Upsamples to `size` (H, W) when given, else doubles the spatial size.
@@ -172,7 +217,13 @@ impl Upsample2D {
 
 /// Scaled dot-product attention over (B, heads, N, d) tensors, softmax in f32, optionally in
 /// chunks of `slice` query rows.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<usize>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    slice: Option<usize>,
+) -> Result<Tensor> {
     let dtype = q.dtype();
     let kt = k.to_dtype(DType::F32)?.t()?.contiguous()?;
     let v32 = v.to_dtype(DType::F32)?.contiguous()?;
@@ -213,7 +264,14 @@ pub struct Attention {
 impl Attention {
     /// `query_dim` → `heads * dim_head`; keys/values from `cross_dim` (or `query_dim`);
     /// `bias` for the q/k/v projections, `to_out.0` always has one.
-    pub fn new(vb: VarBuilder, query_dim: usize, cross_dim: Option<usize>, heads: usize, dim_head: usize, bias: bool) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        cross_dim: Option<usize>,
+        heads: usize,
+        dim_head: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let inner = heads * dim_head;
         let kv_dim = cross_dim.unwrap_or(query_dim);
         Ok(Self {
@@ -228,11 +286,17 @@ impl Attention {
 
     fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, n, c) = xs.dims3()?;
-        xs.reshape((b, n, self.heads, c / self.heads))?.transpose(1, 2)
+        xs.reshape((b, n, self.heads, c / self.heads))?
+            .transpose(1, 2)
     }
 
     /// Attends `xs` (B, N, C) to `context` (B, M, C') or to itself.
-    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, slice: Option<usize>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        slice: Option<usize>,
+    ) -> Result<Tensor> {
         let ctx = context.unwrap_or(xs);
         let q = self.split_heads(&self.to_q.forward(xs)?)?;
         let k = self.split_heads(&self.to_k.forward(ctx)?)?;
@@ -255,7 +319,10 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize, mult: usize) -> Result<Self> {
         let inner = dim * mult;
         let vb = vb.pp("net");
-        Ok(Self { proj: linear(dim, inner * 2, vb.pp("0").pp("proj"))?, out: linear(inner, dim, vb.pp("2"))? })
+        Ok(Self {
+            proj: linear(dim, inner * 2, vb.pp("0").pp("proj"))?,
+            out: linear(inner, dim, vb.pp("2"))?,
+        })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -280,7 +347,14 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, dim_head: usize, cross_dim: usize, only_cross: bool) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        cross_dim: usize,
+        only_cross: bool,
+    ) -> Result<Self> {
         let attn1_cross = if only_cross { Some(cross_dim) } else { None };
         Ok(Self {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
@@ -294,9 +368,16 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor, slice: Option<usize>) -> Result<Tensor> {
-        let ctx1 = if self.only_cross_attention { Some(context) } else { None };
+        let ctx1 = if self.only_cross_attention {
+            Some(context)
+        } else {
+            None
+        };
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, ctx1, slice)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context), slice)? + &xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context), slice)?
+            + &xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + &xs
     }
 }
@@ -343,16 +424,34 @@ impl Transformer2D {
         let inner = c.heads * c.dim_head;
         let norm = group_norm(c.groups, c.in_channels, 1e-6, vb.pp("norm"))?;
         let (proj_in, proj_out) = if c.use_linear_projection {
-            (Proj::Linear(linear(c.in_channels, inner, vb.pp("proj_in"))?), Proj::Linear(linear(inner, c.in_channels, vb.pp("proj_out"))?))
+            (
+                Proj::Linear(linear(c.in_channels, inner, vb.pp("proj_in"))?),
+                Proj::Linear(linear(inner, c.in_channels, vb.pp("proj_out"))?),
+            )
         } else {
-            (Proj::Conv(conv(c.in_channels, inner, 1, 1, 0, vb.pp("proj_in"))?), Proj::Conv(conv(inner, c.in_channels, 1, 1, 0, vb.pp("proj_out"))?))
+            (
+                Proj::Conv(conv(c.in_channels, inner, 1, 1, 0, vb.pp("proj_in"))?),
+                Proj::Conv(conv(inner, c.in_channels, 1, 1, 0, vb.pp("proj_out"))?),
+            )
         };
         let blocks = (0..c.layers)
             .map(|i| {
-                BasicTransformerBlock::new(vb.pp("transformer_blocks").pp(i), inner, c.heads, c.dim_head, c.cross_attention_dim, c.only_cross_attention)
+                BasicTransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i),
+                    inner,
+                    c.heads,
+                    c.dim_head,
+                    c.cross_attention_dim,
+                    c.only_cross_attention,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { norm, proj_in, blocks, proj_out })
+        Ok(Self {
+            norm,
+            proj_in,
+            blocks,
+            proj_out,
+        })
     }
 
     /// Runs the transformer on `xs` (NCHW) with text states `context` (B, M, C').
@@ -373,7 +472,9 @@ impl Transformer2D {
         }
         let from_seq = |t: Tensor| -> Result<Tensor> {
             let ch = t.dim(2)?;
-            t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()
+            t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
         };
         let out = match &self.proj_out {
             Proj::Conv(p) => p.forward(&from_seq(hs)?)?,
@@ -386,11 +487,19 @@ impl Transformer2D {
 
 /// diffusers' `get_timestep_embedding`: sinusoidal features of float timesteps `t` (N,),
 /// computed in f32 and returned as (N, dim).
-pub fn timestep_embedding(t: &[f64], dim: usize, flip_sin_to_cos: bool, freq_shift: f64, device: &Device) -> Result<Tensor> {
+pub fn timestep_embedding(
+    t: &[f64],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    device: &Device,
+) -> Result<Tensor> {
     let half = dim / 2;
     let denom = half as f32 - freq_shift as f32;
     let ln = (10000f64).ln() as f32;
-    let freqs: Vec<f32> = (0..half).map(|i| ((-ln * i as f32) / denom).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((-ln * i as f32) / denom).exp())
+        .collect();
     let mut data = Vec::with_capacity(t.len() * dim);
     for &ti in t {
         let ti = ti as f32;
@@ -420,11 +529,16 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     /// `in_dim` → `out_dim` → `out_dim`.
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, act: Activation) -> Result<Self> {
-        Ok(Self { linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?, linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?, act })
+        Ok(Self {
+            linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?,
+            act,
+        })
     }
 
     /// Embeds (B, in_dim) features.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.act.apply(&self.linear_1.forward(xs)?)?)
+        self.linear_2
+            .forward(&self.act.apply(&self.linear_1.forward(xs)?)?)
     }
 }

@@ -73,10 +73,18 @@ pub struct UNetConfig {
     pub conv_out_kernel: usize,
 }
 
-fn get<T: serde::de::DeserializeOwned>(obj: &serde_json::Map<String, Value>, file: &Path, name: &str, default: T) -> Result<T, EngineError> {
+fn get<T: serde::de::DeserializeOwned>(
+    obj: &serde_json::Map<String, Value>,
+    file: &Path,
+    name: &str,
+    default: T,
+) -> Result<T, EngineError> {
     match obj.get(name) {
         None => Ok(default),
-        Some(v) => serde_json::from_value(v.clone()).map_err(|e| EngineError::Load { file: file.to_path_buf(), message: format!("field `{name}`: {e} (got {v})") }),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| EngineError::Load {
+            file: file.to_path_buf(),
+            message: format!("field `{name}`: {e} (got {v})"),
+        }),
     }
 }
 
@@ -95,19 +103,30 @@ const MUST_BE: &[(&str, &str)] = &[
 impl UNetConfig {
     /// Parses `config.json` text; `file` names it in errors.
     pub fn from_json(text: &str, file: &Path) -> Result<Self, EngineError> {
-        let value: Value = serde_json::from_str(text).map_err(|e| EngineError::Load { file: file.to_path_buf(), message: format!("bad JSON: {e}") })?;
+        let value: Value = serde_json::from_str(text).map_err(|e| EngineError::Load {
+            file: file.to_path_buf(),
+            message: format!("bad JSON: {e}"),
+        })?;
         let Value::Object(o) = value else {
-            return Err(EngineError::Load { file: file.to_path_buf(), message: "not a JSON object".into() });
+            return Err(EngineError::Load {
+                file: file.to_path_buf(),
+                message: "not a JSON object".into(),
+            });
         };
         for (name, allowed) in MUST_BE {
             if let Some(v) = o.get(*name) {
                 let ok = match *allowed {
                     "null" => v.is_null(),
-                    "false" => v.is_null() || v == &Value::Bool(false),
-                    other => v.is_null() || v.to_string() == other,
+                    "false" => v.is_null() || v.as_bool() == Some(false),
+                    other => v.is_null() || v.as_str() == Some(other.trim_matches('"')),
                 };
                 if !ok {
-                    return Err(EngineError::Load { file: file.to_path_buf(), message: format!("field `{name}`: unsupported value {v} (only {allowed} is supported)") });
+                    return Err(EngineError::Load {
+                        file: file.to_path_buf(),
+                        message: format!(
+                            "field `{name}`: unsupported value {v} (only {allowed} is supported)"
+                        ),
+                    });
                 }
             }
         }
@@ -122,20 +141,49 @@ impl UNetConfig {
                 &o,
                 f,
                 "down_block_types",
-                ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec(),
+                [
+                    "CrossAttnDownBlock2D",
+                    "CrossAttnDownBlock2D",
+                    "CrossAttnDownBlock2D",
+                    "DownBlock2D",
+                ]
+                .map(String::from)
+                .to_vec(),
             )?,
             up_block_types: get(
                 &o,
                 f,
                 "up_block_types",
-                ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec(),
+                [
+                    "UpBlock2D",
+                    "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D",
+                ]
+                .map(String::from)
+                .to_vec(),
             )?,
-            mid_block_type: get(&o, f, "mid_block_type", Some("UNetMidBlock2DCrossAttn".to_string()))?,
+            mid_block_type: get(
+                &o,
+                f,
+                "mid_block_type",
+                Some("UNetMidBlock2DCrossAttn".to_string()),
+            )?,
             layers_per_block: get(&o, f, "layers_per_block", PerBlock::One(2))?,
             attention_head_dim: get(&o, f, "attention_head_dim", PerBlock::One(8))?,
             num_attention_heads: get(&o, f, "num_attention_heads", None)?,
-            transformer_layers_per_block: get(&o, f, "transformer_layers_per_block", PerBlock::One(PerBlock::One(1)))?,
-            reverse_transformer_layers_per_block: get(&o, f, "reverse_transformer_layers_per_block", None)?,
+            transformer_layers_per_block: get(
+                &o,
+                f,
+                "transformer_layers_per_block",
+                PerBlock::One(PerBlock::One(1)),
+            )?,
+            reverse_transformer_layers_per_block: get(
+                &o,
+                f,
+                "reverse_transformer_layers_per_block",
+                None,
+            )?,
             cross_attention_dim: get(&o, f, "cross_attention_dim", PerBlock::One(1280))?,
             norm_num_groups: get(&o, f, "norm_num_groups", 32)?,
             norm_eps: get(&o, f, "norm_eps", 1e-5)?,
@@ -146,7 +194,8 @@ impl UNetConfig {
             use_linear_projection: get(&o, f, "use_linear_projection", false)?,
             only_cross_attention: get(&o, f, "only_cross_attention", PerBlock::One(false))?,
             mid_block_only_cross_attention: get(&o, f, "mid_block_only_cross_attention", None)?,
-            upcast_attention: get::<Option<bool>>(&o, f, "upcast_attention", None)?.unwrap_or(false),
+            upcast_attention: get::<Option<bool>>(&o, f, "upcast_attention", None)?
+                .unwrap_or(false),
             resnet_time_scale_shift: get(&o, f, "resnet_time_scale_shift", "default".to_string())?,
             resnet_out_scale_factor: get(&o, f, "resnet_out_scale_factor", 1.0)?,
             time_embedding_type: get(&o, f, "time_embedding_type", "positional".to_string())?,
@@ -157,7 +206,12 @@ impl UNetConfig {
             class_embed_type: get(&o, f, "class_embed_type", None)?,
             addition_embed_type: get(&o, f, "addition_embed_type", None)?,
             addition_time_embed_dim: get(&o, f, "addition_time_embed_dim", None)?,
-            projection_class_embeddings_input_dim: get(&o, f, "projection_class_embeddings_input_dim", None)?,
+            projection_class_embeddings_input_dim: get(
+                &o,
+                f,
+                "projection_class_embeddings_input_dim",
+                None,
+            )?,
             time_cond_proj_dim: get(&o, f, "time_cond_proj_dim", None)?,
             conv_in_kernel: get(&o, f, "conv_in_kernel", 3)?,
             conv_out_kernel: get(&o, f, "conv_out_kernel", 3)?,
@@ -168,23 +222,45 @@ impl UNetConfig {
 
     /// Checks every field and computes the per-block settings.
     pub(crate) fn resolve(&self, file: &Path) -> Result<Resolved, EngineError> {
-        let bad = |field: &str, msg: String| EngineError::Load { file: file.to_path_buf(), message: format!("field `{field}`: {msg}") };
+        let bad = |field: &str, msg: String| EngineError::Load {
+            file: file.to_path_buf(),
+            message: format!("field `{field}`: {msg}"),
+        };
         let n = self.down_block_types.len();
         if n == 0 {
             return Err(bad("down_block_types", "empty".into()));
         }
         if self.block_out_channels.len() != n {
-            return Err(bad("block_out_channels", format!("has {} entries, down_block_types has {n}", self.block_out_channels.len())));
+            return Err(bad(
+                "block_out_channels",
+                format!(
+                    "has {} entries, down_block_types has {n}",
+                    self.block_out_channels.len()
+                ),
+            ));
         }
         if self.up_block_types.len() != n {
-            return Err(bad("up_block_types", format!("has {} entries, down_block_types has {n}", self.up_block_types.len())));
+            return Err(bad(
+                "up_block_types",
+                format!(
+                    "has {} entries, down_block_types has {n}",
+                    self.up_block_types.len()
+                ),
+            ));
         }
         let mut down_attn = Vec::with_capacity(n);
         for t in &self.down_block_types {
             down_attn.push(match t.as_str() {
                 "CrossAttnDownBlock2D" => true,
                 "DownBlock2D" => false,
-                other => return Err(bad("down_block_types", format!("unsupported block type {other:?} (CrossAttnDownBlock2D, DownBlock2D)"))),
+                other => {
+                    return Err(bad(
+                        "down_block_types",
+                        format!(
+                            "unsupported block type {other:?} (CrossAttnDownBlock2D, DownBlock2D)"
+                        ),
+                    ))
+                }
             });
         }
         let mut up_attn = Vec::with_capacity(n);
@@ -192,15 +268,32 @@ impl UNetConfig {
             up_attn.push(match t.as_str() {
                 "CrossAttnUpBlock2D" => true,
                 "UpBlock2D" => false,
-                other => return Err(bad("up_block_types", format!("unsupported block type {other:?} (CrossAttnUpBlock2D, UpBlock2D)"))),
+                other => {
+                    return Err(bad(
+                        "up_block_types",
+                        format!("unsupported block type {other:?} (CrossAttnUpBlock2D, UpBlock2D)"),
+                    ))
+                }
             });
         }
         let mid = match self.mid_block_type.as_deref() {
             None => false,
             Some("UNetMidBlock2DCrossAttn") => true,
-            Some(other) => return Err(bad("mid_block_type", format!("unsupported {other:?} (UNetMidBlock2DCrossAttn or null)"))),
+            Some(other) => {
+                return Err(bad(
+                    "mid_block_type",
+                    format!("unsupported {other:?} (UNetMidBlock2DCrossAttn or null)"),
+                ))
+            }
         };
-        let per = |field: &str, v: &PerBlock<usize>| v.expand(n).ok_or_else(|| bad(field, format!("a list must have one entry per down block ({n})")));
+        let per = |field: &str, v: &PerBlock<usize>| {
+            v.expand(n).ok_or_else(|| {
+                bad(
+                    field,
+                    format!("a list must have one entry per down block ({n})"),
+                )
+            })
+        };
         let layers = per("layers_per_block", &self.layers_per_block)?;
         let head_dim = per("attention_head_dim", &self.attention_head_dim)?;
         // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim`.
@@ -212,23 +305,45 @@ impl UNetConfig {
             return Err(bad("num_attention_heads", "zero heads".into()));
         }
         let cross = per("cross_attention_dim", &self.cross_attention_dim)?;
-        let only_cross = self.only_cross_attention.expand(n).ok_or_else(|| bad("only_cross_attention", format!("a list must have one entry per down block ({n})")))?;
-        let tl = self
-            .transformer_layers_per_block
-            .expand(n)
-            .ok_or_else(|| bad("transformer_layers_per_block", format!("a list must have one entry per down block ({n})")))?;
+        let only_cross = self.only_cross_attention.expand(n).ok_or_else(|| {
+            bad(
+                "only_cross_attention",
+                format!("a list must have one entry per down block ({n})"),
+            )
+        })?;
+        let tl = self.transformer_layers_per_block.expand(n).ok_or_else(|| {
+            bad(
+                "transformer_layers_per_block",
+                format!("a list must have one entry per down block ({n})"),
+            )
+        })?;
         let down_tl = tl
             .iter()
             .zip(&layers)
-            .map(|(t, &l)| t.expand(l).ok_or_else(|| bad("transformer_layers_per_block", format!("a nested list must have layers_per_block ({l}) entries"))))
+            .map(|(t, &l)| {
+                t.expand(l).ok_or_else(|| {
+                    bad(
+                        "transformer_layers_per_block",
+                        format!("a nested list must have layers_per_block ({l}) entries"),
+                    )
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let up_layers: Vec<usize> = layers.iter().rev().map(|l| l + 1).collect();
         let rev_tl: Vec<PerBlock<usize>> = match &self.reverse_transformer_layers_per_block {
             Some(r) if r.len() == n => r.clone(),
-            Some(_) => return Err(bad("reverse_transformer_layers_per_block", format!("must have one entry per up block ({n})"))),
+            Some(_) => {
+                return Err(bad(
+                    "reverse_transformer_layers_per_block",
+                    format!("must have one entry per up block ({n})"),
+                ))
+            }
             None => {
                 if tl.iter().any(|t| matches!(t, PerBlock::Each(_))) && up_attn.iter().any(|&a| a) {
-                    return Err(bad("reverse_transformer_layers_per_block", "required when transformer_layers_per_block is nested".into()));
+                    return Err(bad(
+                        "reverse_transformer_layers_per_block",
+                        "required when transformer_layers_per_block is nested".into(),
+                    ));
                 }
                 tl.iter().rev().cloned().collect()
             }
@@ -236,45 +351,107 @@ impl UNetConfig {
         let up_tl = rev_tl
             .iter()
             .zip(&up_layers)
-            .map(|(t, &l)| t.expand(l).ok_or_else(|| bad("reverse_transformer_layers_per_block", format!("a nested list must have {l} entries"))))
+            .map(|(t, &l)| {
+                t.expand(l).ok_or_else(|| {
+                    bad(
+                        "reverse_transformer_layers_per_block",
+                        format!("a nested list must have {l} entries"),
+                    )
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let act = Activation::parse(&self.act_fn).ok_or_else(|| bad("act_fn", format!("unsupported activation {:?}", self.act_fn)))?;
-        let act_opt = |field: &str, v: &Option<String>| -> Result<Option<Activation>, EngineError> {
-            match v {
-                None => Ok(None),
-                Some(s) => Activation::parse(s).map(Some).ok_or_else(|| bad(field, format!("unsupported activation {s:?}"))),
-            }
-        };
+        let act = Activation::parse(&self.act_fn).ok_or_else(|| {
+            bad(
+                "act_fn",
+                format!("unsupported activation {:?}", self.act_fn),
+            )
+        })?;
+        let act_opt =
+            |field: &str, v: &Option<String>| -> Result<Option<Activation>, EngineError> {
+                match v {
+                    None => Ok(None),
+                    Some(s) => Activation::parse(s)
+                        .map(Some)
+                        .ok_or_else(|| bad(field, format!("unsupported activation {s:?}"))),
+                }
+            };
         let time_embedding_act = act_opt("time_embedding_act_fn", &self.time_embedding_act_fn)?;
         let timestep_post_act = act_opt("timestep_post_act", &self.timestep_post_act)?;
         if self.resnet_time_scale_shift != "default" {
-            return Err(bad("resnet_time_scale_shift", format!("unsupported {:?} (only \"default\")", self.resnet_time_scale_shift)));
+            return Err(bad(
+                "resnet_time_scale_shift",
+                format!(
+                    "unsupported {:?} (only \"default\")",
+                    self.resnet_time_scale_shift
+                ),
+            ));
         }
         if self.time_embedding_type != "positional" {
-            return Err(bad("time_embedding_type", format!("unsupported {:?} (only \"positional\")", self.time_embedding_type)));
+            return Err(bad(
+                "time_embedding_type",
+                format!(
+                    "unsupported {:?} (only \"positional\")",
+                    self.time_embedding_type
+                ),
+            ));
         }
         if let Some(c) = &self.class_embed_type {
-            return Err(bad("class_embed_type", format!("unsupported {c:?} (only null)")));
+            return Err(bad(
+                "class_embed_type",
+                format!("unsupported {c:?} (only null)"),
+            ));
         }
         if let Some(d) = self.time_cond_proj_dim {
-            return Err(bad("time_cond_proj_dim", format!("unsupported {d} (only null)")));
+            return Err(bad(
+                "time_cond_proj_dim",
+                format!("unsupported {d} (only null)"),
+            ));
         }
         let text_time = match self.addition_embed_type.as_deref() {
             None => None,
             Some("text_time") => {
-                let tdim = self.addition_time_embed_dim.ok_or_else(|| bad("addition_time_embed_dim", "required by addition_embed_type text_time".into()))?;
-                let pdim = self
-                    .projection_class_embeddings_input_dim
-                    .ok_or_else(|| bad("projection_class_embeddings_input_dim", "required by addition_embed_type text_time".into()))?;
+                let tdim = self.addition_time_embed_dim.ok_or_else(|| {
+                    bad(
+                        "addition_time_embed_dim",
+                        "required by addition_embed_type text_time".into(),
+                    )
+                })?;
+                let pdim = self.projection_class_embeddings_input_dim.ok_or_else(|| {
+                    bad(
+                        "projection_class_embeddings_input_dim",
+                        "required by addition_embed_type text_time".into(),
+                    )
+                })?;
                 Some((tdim, pdim))
             }
-            Some(other) => return Err(bad("addition_embed_type", format!("unsupported {other:?} (null or \"text_time\")"))),
+            Some(other) => {
+                return Err(bad(
+                    "addition_embed_type",
+                    format!("unsupported {other:?} (null or \"text_time\")"),
+                ))
+            }
         };
-        if self.norm_num_groups == 0 || self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0) {
-            return Err(bad("norm_num_groups", format!("{} does not divide every block_out_channels entry", self.norm_num_groups)));
+        if self.norm_num_groups == 0
+            || self
+                .block_out_channels
+                .iter()
+                .any(|c| c % self.norm_num_groups != 0)
+        {
+            return Err(bad(
+                "norm_num_groups",
+                format!(
+                    "{} does not divide every block_out_channels entry",
+                    self.norm_num_groups
+                ),
+            ));
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
-            return Err(bad("conv_in_kernel", "kernels must be odd".into()));
+        for (field, k) in [
+            ("conv_in_kernel", self.conv_in_kernel),
+            ("conv_out_kernel", self.conv_out_kernel),
+        ] {
+            if k.is_multiple_of(2) {
+                return Err(bad(field, format!("{k}: kernels must be odd")));
+            }
         }
         Ok(Resolved {
             down_attn,
