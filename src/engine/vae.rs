@@ -195,7 +195,8 @@ impl Encoder {
             mid,
             norm_out,
             conv_out,
-            act,
+            // diffusers' Encoder and Decoder end with nn.SiLU whatever act_fn says.
+            act: Activation::Silu,
         })
     }
 
@@ -263,7 +264,8 @@ impl Decoder {
             up,
             norm_out,
             conv_out,
-            act,
+            // diffusers' Encoder and Decoder end with nn.SiLU whatever act_fn says.
+            act: Activation::Silu,
         })
     }
 

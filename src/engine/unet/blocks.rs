@@ -542,3 +542,50 @@ impl TimestepEmbedding {
             .forward(&self.act.apply(&self.linear_1.forward(xs)?)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestep_embedding_matches_the_formula() {
+        // dim 6, half 3: freqs exp(-ln(1e4) * i / (3 - shift)).
+        for (flip, shift) in [(true, 0.0), (false, 1.0)] {
+            let t = 621.5;
+            let e = timestep_embedding(&[t, 0.0], 7, flip, shift, &Device::Cpu).unwrap();
+            assert_eq!(e.dims(), &[2, 7]);
+            let rows: Vec<Vec<f32>> = e.to_vec2().unwrap();
+            for i in 0..3 {
+                let f = (-(10000f64.ln()) * i as f64 / (3.0 - shift)).exp();
+                let (s, c) = ((t * f).sin() as f32, (t * f).cos() as f32);
+                let (first, second) = if flip { (c, s) } else { (s, c) };
+                assert!((rows[0][i] - first).abs() < 2e-4, "{i}");
+                assert!((rows[0][3 + i] - second).abs() < 2e-4, "{i}");
+            }
+            assert_eq!(rows[0][6], 0.0, "odd dims are zero padded");
+        }
+    }
+
+    #[test]
+    fn sliced_attention_equals_full_attention() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 37, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 3, 11, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, 3, 11, 8), &dev).unwrap();
+        let full = attention(&q, &k, &v, 0.35, None).unwrap();
+        for s in [1, 5, 36, 37, 100] {
+            let sliced = attention(&q, &k, &v, 0.35, Some(s)).unwrap();
+            let d = (&full - &sliced)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-6, "slice {s}: {d}");
+        }
+    }
+}

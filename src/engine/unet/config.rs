@@ -488,3 +488,109 @@ pub(crate) struct Resolved {
     pub timestep_post_act: Option<Activation>,
     pub text_time: Option<(usize, usize)>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<(UNetConfig, Resolved), EngineError> {
+        let f = Path::new("unet/config.json");
+        let c = UNetConfig::from_json(json, f)?;
+        let r = c.resolve(f)?;
+        Ok((c, r))
+    }
+
+    #[test]
+    fn diffusers_defaults_are_sd15() {
+        let (c, r) = parse("{}").unwrap();
+        assert_eq!(c.block_out_channels, vec![320, 640, 1280, 1280]);
+        assert_eq!(r.heads, vec![8; 4]);
+        assert_eq!(r.layers, vec![2; 4]);
+        assert_eq!(r.cross, vec![1280; 4]);
+        assert_eq!(r.down_attn, vec![true, true, true, false]);
+        assert_eq!(r.up_attn, vec![false, true, true, true]);
+        assert_eq!(r.up_tl, vec![vec![1; 3]; 4]);
+        assert!(r.mid && r.text_time.is_none());
+    }
+
+    #[test]
+    fn heads_come_from_attention_head_dim_when_num_attention_heads_is_null() {
+        let (_, r) =
+            parse(r#"{"attention_head_dim": [5, 10, 20, 20], "num_attention_heads": null}"#)
+                .unwrap();
+        assert_eq!(r.heads, vec![5, 10, 20, 20]);
+        let (_, r) =
+            parse(r#"{"attention_head_dim": 8, "num_attention_heads": [2, 4, 8, 8]}"#).unwrap();
+        assert_eq!(r.heads, vec![2, 4, 8, 8]);
+    }
+
+    #[test]
+    fn transformer_layers_per_block_int_list_and_nested() {
+        let base = r#""down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "block_out_channels": [32, 64]"#;
+        let (_, r) = parse(&format!(
+            r#"{{{base}, "transformer_layers_per_block": [1, 3]}}"#
+        ))
+        .unwrap();
+        assert_eq!(r.down_tl, vec![vec![1, 1], vec![3, 3]]);
+        assert_eq!(r.up_tl, vec![vec![3, 3, 3], vec![1, 1, 1]]);
+        // Nested without a reverse list: diffusers refuses too.
+        let err = parse(&format!(
+            r#"{{{base}, "transformer_layers_per_block": [[1, 1], [2, 3]]}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("reverse_transformer_layers_per_block"),
+            "{err}"
+        );
+        let (_, r) = parse(&format!(
+            r#"{{{base}, "transformer_layers_per_block": [[1, 1], [2, 3]], "reverse_transformer_layers_per_block": [[4, 5, 6], [1, 1, 1]]}}"#
+        ))
+        .unwrap();
+        assert_eq!(r.down_tl, vec![vec![1, 1], vec![2, 3]]);
+        assert_eq!(r.up_tl, vec![vec![4, 5, 6], vec![1, 1, 1]]);
+    }
+
+    #[test]
+    fn text_time_needs_its_dims() {
+        let err = parse(r#"{"addition_embed_type": "text_time", "addition_time_embed_dim": 256}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unet/config.json")
+                && err.contains("projection_class_embeddings_input_dim"),
+            "{err}"
+        );
+        let (_, r) = parse(r#"{"addition_embed_type": "text_time", "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816}"#).unwrap();
+        assert_eq!(r.text_time, Some((256, 2816)));
+    }
+
+    #[test]
+    fn unsupported_values_name_the_field() {
+        for (field, json) in [
+            ("attention_type", r#"{"attention_type": "gated"}"#),
+            (
+                "encoder_hid_dim_type",
+                r#"{"encoder_hid_dim_type": "text_proj"}"#,
+            ),
+            (
+                "mid_block_type",
+                r#"{"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}"#,
+            ),
+            (
+                "time_embedding_type",
+                r#"{"time_embedding_type": "fourier"}"#,
+            ),
+            ("act_fn", r#"{"act_fn": "tanh"}"#),
+            ("norm_num_groups", r#"{"norm_num_groups": 7}"#),
+            ("time_cond_proj_dim", r#"{"time_cond_proj_dim": 256}"#),
+        ] {
+            let err = parse(json).unwrap_err().to_string();
+            assert!(
+                err.contains("unet/config.json") && err.contains(field),
+                "{field}: {err}"
+            );
+        }
+        assert!(parse(r#"{"mid_block_type": null}"#).unwrap().1.mid == false);
+    }
+}
