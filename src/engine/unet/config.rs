@@ -591,6 +591,6 @@ mod tests {
                 "{field}: {err}"
             );
         }
-        assert!(parse(r#"{"mid_block_type": null}"#).unwrap().1.mid == false);
+        assert!(!parse(r#"{"mid_block_type": null}"#).unwrap().1.mid);
     }
 }
