@@ -355,3 +355,98 @@ fn resolve_online(
         })?;
     Ok(snapshot)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn comps() -> Vec<(String, String)> {
+        [
+            ("scheduler", "DDIMScheduler"),
+            ("tokenizer", "CLIPTokenizer"),
+            ("feature_extractor", "CLIPImageProcessor"),
+            ("text_encoder", "CLIPTextModel"),
+            ("unet", "UNet2DConditionModel"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+    }
+
+    fn repo_files(extra: &[&str]) -> BTreeSet<String> {
+        let mut s: BTreeSet<String> = [
+            "model_index.json",
+            "README.md",
+            "scheduler/scheduler_config.json",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "tokenizer/tokenizer_config.json",
+            "feature_extractor/preprocessor_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "text_encoder/pytorch_model.bin",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.bin",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "v1-5-pruned.ckpt",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        s.extend(extra.iter().map(|s| s.to_string()));
+        s
+    }
+
+    #[test]
+    fn only_what_the_pipeline_reads() {
+        let got = needed_files(&comps(), &repo_files(&[]), false).unwrap();
+        let want = [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "tokenizer/tokenizer_config.json",
+            "feature_extractor/preprocessor_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+        ];
+        assert_eq!(got, want);
+        // f16 prefers the fp16 variant where there is one.
+        let got = needed_files(&comps(), &repo_files(&[]), true).unwrap();
+        assert!(got.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
+        assert!(got.contains(&"text_encoder/model.safetensors".to_string()));
+        assert!(!got
+            .iter()
+            .any(|f| f.ends_with(".bin") || f.ends_with(".ckpt")));
+    }
+
+    #[test]
+    fn missing_weights_are_named() {
+        let mut files = repo_files(&[]);
+        files.remove("text_encoder/model.safetensors");
+        let (missing, note) = needed_files(&comps(), &files, false).unwrap_err();
+        assert_eq!(missing, "text_encoder/diffusion_pytorch_model.safetensors");
+        assert!(note.contains("model.safetensors"));
+    }
+
+    #[test]
+    fn fp16_only_component_is_found_by_component_weights() {
+        let dir = std::env::temp_dir().join(format!("sd-run-hub-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("diffusion_pytorch_model.fp16.safetensors"), b"x").unwrap();
+        assert!(component_weights(&dir, false)
+            .unwrap()
+            .ends_with("diffusion_pytorch_model.fp16.safetensors"));
+        std::fs::write(dir.join("diffusion_pytorch_model.safetensors"), b"x").unwrap();
+        assert!(component_weights(&dir, false)
+            .unwrap()
+            .ends_with("diffusion_pytorch_model.safetensors"));
+        assert!(component_weights(&dir, true)
+            .unwrap()
+            .ends_with("diffusion_pytorch_model.fp16.safetensors"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
