@@ -393,3 +393,47 @@ mod hub {
         let _ = std::fs::remove_dir_all(root);
     }
 }
+
+#[test]
+fn vae_tiling_follows_diffusers_tiles() {
+    let dev = Device::Cpu;
+    let c = case("components_tiny-sd15");
+    let mut vae = Vae::load(&model("tiny-sd15/vae"), &dev, DType::F32).unwrap();
+    let plain = vae.decode(&c["vae_latents"]).unwrap();
+    vae.set_tiling(true);
+    assert!(vae.tiling());
+    // 8x12 latents exceed the 8-latent tile (sample_size 64 / 8): tiled, same shape, and
+    // close to the untiled image where the first tile is not blended.
+    let tiled = vae.decode(&c["vae_latents"]).unwrap();
+    assert_eq!(tiled.dims(), plain.dims());
+    let v: Vec<f32> = tiled.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
+    let (d, _) = diff(&tiled, &plain);
+    assert!(d > 0.0, "tiling changed nothing");
+    // Tile (0, 0) is not blended: its first 48x48 pixels (tile 64 - blend 16) are the output's.
+    let z = &c["vae_latents"];
+    let crop = |t: &Tensor, y: usize, x: usize, h: usize, w: usize| {
+        t.narrow(2, y, h).unwrap().narrow(3, x, w).unwrap()
+    };
+    let t00 = vae.decode(&crop(z, 0, 0, 8, 8)).unwrap();
+    assert_eq!(
+        diff(&crop(&tiled, 0, 0, 48, 48), &crop(&t00, 0, 0, 48, 48)).0,
+        0.0
+    );
+    // Tile (0, 1) starts at latent column 6 (pixel 48); past its 16 blended columns it is copied.
+    let t01 = vae.decode(&crop(z, 0, 6, 8, 6)).unwrap();
+    assert_eq!(
+        diff(&crop(&tiled, 0, 64, 48, 32), &crop(&t01, 0, 16, 48, 32)).0,
+        0.0
+    );
+    // Latents within one tile are decoded whole: identical to untiled.
+    let small = c["vae_latents"].narrow(3, 0, 8).unwrap();
+    vae.set_tiling(false);
+    let a = vae.decode(&small).unwrap();
+    vae.set_tiling(true);
+    let b = vae.decode(&small).unwrap();
+    assert_eq!(diff(&a, &b).0, 0.0);
+    // Tiled encode of a 96x128 image gives 12x16 latents.
+    let image = Tensor::rand(-1f32, 1.0, (1, 3, 96, 128), &dev).unwrap();
+    assert_eq!(vae.encode(&image, None).unwrap().dims(), &[1, 4, 12, 16]);
+}

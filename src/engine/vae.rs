@@ -9,6 +9,7 @@ use std::path::Path;
 use super::unet::blocks::{
     Activation, Attention, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
 };
+use super::unet::PerBlock;
 use super::{weights, EngineError};
 
 /// The fields of a diffusers `AutoencoderKL` config, with diffusers' defaults.
@@ -30,6 +31,8 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
     pub force_upcast: bool,
+    /// Image size the VAE was trained on; sets the tile size of tiled decoding.
+    pub sample_size: PerBlock<usize>,
 }
 
 impl Default for VaeConfig {
@@ -50,6 +53,7 @@ impl Default for VaeConfig {
             use_post_quant_conv: true,
             mid_block_add_attention: true,
             force_upcast: true,
+            sample_size: PerBlock::One(32),
         }
     }
 }
@@ -398,13 +402,15 @@ impl Vae {
         self.config.shift_factor
     }
 
-    /// Asks for tiled decoding. On this implementation it is a documented no-op: the whole
-    /// latent is always decoded at once (the result is the same, only peak memory differs).
+    /// Tiled decoding and encoding as diffusers' `enable_tiling()`: inputs larger than one tile
+    /// (`sample_size` pixels) are processed in overlapping tiles (25% overlap) blended linearly,
+    /// which bounds peak memory; the result differs slightly from untiled processing, as in
+    /// diffusers.
     pub fn set_tiling(&mut self, on: bool) {
         self.tiling = on;
     }
 
-    /// Whether tiling was asked for (see [`Vae::set_tiling`]).
+    /// Whether tiling is on (see [`Vae::set_tiling`]).
     pub fn tiling(&self) -> bool {
         self.tiling
     }
@@ -417,10 +423,30 @@ impl Vae {
         if let Some(shift) = self.config.shift_factor {
             z = (z + shift)?;
         }
-        if let Some(p) = &self.post_quant_conv {
-            z = p.forward(&z)?;
-        }
-        self.decoder.forward(&z)?.to_dtype(in_dtype)
+        let decode = |z: &Tensor| -> Result<Tensor> {
+            match &self.post_quant_conv {
+                Some(p) => self.decoder.forward(&p.forward(z)?),
+                None => self.decoder.forward(z),
+            }
+        };
+        let (_, _, h, w) = z.dims4()?;
+        let (sample_tile, latent_tile) = self.tile_sizes();
+        let out = if self.tiling && (h > latent_tile || w > latent_tile) {
+            tiled(&z, latent_tile, sample_tile, decode)?
+        } else {
+            decode(&z)?
+        };
+        out.to_dtype(in_dtype)
+    }
+
+    /// diffusers' tile sizes: (`sample_size`, `sample_size / 2^(levels - 1)`).
+    fn tile_sizes(&self) -> (usize, usize) {
+        let sample = match &self.config.sample_size {
+            PerBlock::One(s) => *s,
+            PerBlock::Each(v) => v.first().copied().unwrap_or(32),
+        };
+        let levels = self.config.block_out_channels.len().saturating_sub(1) as u32;
+        (sample, (sample >> levels).max(1))
     }
 
     /// Encodes an image (B, 3, H, W) in [-1, 1] into scaled latents: the posterior mean, plus
@@ -428,10 +454,20 @@ impl Vae {
     /// times `scaling_factor`.
     pub fn encode(&self, image: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
         let in_dtype = image.dtype();
-        let mut h = self.encoder.forward(&image.to_dtype(self.dtype)?)?;
-        if let Some(q) = &self.quant_conv {
-            h = q.forward(&h)?;
-        }
+        let encode = |x: &Tensor| -> Result<Tensor> {
+            match &self.quant_conv {
+                Some(q) => q.forward(&self.encoder.forward(x)?),
+                None => self.encoder.forward(x),
+            }
+        };
+        let x = image.to_dtype(self.dtype)?;
+        let (_, _, ih, iw) = x.dims4()?;
+        let (sample_tile, latent_tile) = self.tile_sizes();
+        let h = if self.tiling && (ih > sample_tile || iw > sample_tile) {
+            tiled(&x, sample_tile, latent_tile, encode)?
+        } else {
+            encode(&x)?
+        };
         let lc = self.config.latent_channels;
         let mean = h.narrow(1, 0, lc)?;
         let mut z = match noise {
@@ -447,4 +483,80 @@ impl Vae {
         }
         (z * self.config.scaling_factor)?.to_dtype(in_dtype)
     }
+}
+
+/// diffusers' `blend_v`/`blend_h` on dimension `dim` (2 or 3): the first `extent` rows of `b`
+/// fade in from the last `extent` rows of `a`.
+fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
+    let e = extent.min(a.dim(dim)?).min(b.dim(dim)?);
+    if e == 0 {
+        return Ok(b.clone());
+    }
+    let wb: Vec<f32> = (0..e).map(|y| (y as f64 / e as f64) as f32).collect();
+    let wa: Vec<f32> = (0..e).map(|y| (1.0 - y as f64 / e as f64) as f32).collect();
+    let mut shape = [1usize; 4];
+    shape[dim] = e;
+    let wb = Tensor::from_vec(wb, &shape[..], b.device())?.to_dtype(b.dtype())?;
+    let wa = Tensor::from_vec(wa, &shape[..], b.device())?.to_dtype(b.dtype())?;
+    let a_tail = a.narrow(dim, a.dim(dim)? - e, e)?;
+    let b_head = b.narrow(dim, 0, e)?;
+    let head = (a_tail.broadcast_mul(&wa)? + b_head.broadcast_mul(&wb)?)?;
+    let rest = b.dim(dim)? - e;
+    if rest == 0 {
+        Ok(head)
+    } else {
+        Tensor::cat(&[&head, &b.narrow(dim, e, rest)?], dim)
+    }
+}
+
+/// diffusers' `tiled_decode`/`tiled_encode`: `f` maps tiles of `tile_in` to tiles of
+/// `tile_out`; tiles start every `tile_in * 3/4`, are blended over `tile_out / 4` and cropped
+/// to `tile_out - blend`.
+fn tiled(
+    x: &Tensor,
+    tile_in: usize,
+    tile_out: usize,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let overlap = ((tile_in as f64 * 0.75) as usize).max(1);
+    let blend_extent = (tile_out as f64 * 0.25) as usize;
+    let row_limit = tile_out - blend_extent;
+    let mut rows: Vec<Vec<Tensor>> = Vec::new();
+    for i in (0..h).step_by(overlap) {
+        let mut row = Vec::new();
+        for j in (0..w).step_by(overlap) {
+            let tile = x
+                .narrow(2, i, tile_in.min(h - i))?
+                .narrow(3, j, tile_in.min(w - j))?;
+            row.push(f(&tile)?);
+        }
+        rows.push(row);
+    }
+    // Blend in place, in order, as diffusers does (later tiles blend against blended ones).
+    for i in 0..rows.len() {
+        for j in 0..rows[i].len() {
+            let mut tile = rows[i][j].clone();
+            if i > 0 {
+                tile = blend(&rows[i - 1][j], &tile, blend_extent, 2)?;
+            }
+            if j > 0 {
+                tile = blend(&rows[i][j - 1], &tile, blend_extent, 3)?;
+            }
+            rows[i][j] = tile;
+        }
+    }
+    let mut out_rows = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let cropped = row
+            .iter()
+            .map(|t| {
+                let (_, _, th, tw) = t.dims4()?;
+                t.narrow(2, 0, row_limit.min(th))?
+                    .narrow(3, 0, row_limit.min(tw))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out_rows.push(Tensor::cat(&cropped, 3)?);
+    }
+    Tensor::cat(&out_rows, 2)
 }
