@@ -52,9 +52,14 @@ pub fn open(file: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'st
 }
 
 /// The weights file of a diffusers component folder: `model.safetensors` (transformers) or
-/// `diffusion_pytorch_model.safetensors` (diffusers).
+/// `diffusion_pytorch_model.safetensors` (diffusers), else their `.fp16` variants.
 pub fn component_file(dir: &Path) -> Result<PathBuf, EngineError> {
-    for name in ["diffusion_pytorch_model.safetensors", "model.safetensors"] {
+    for name in [
+        "diffusion_pytorch_model.safetensors",
+        "model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "model.fp16.safetensors",
+    ] {
         let p = dir.join(name);
         if p.is_file() {
             return Ok(p);
