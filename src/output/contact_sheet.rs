@@ -1,0 +1,526 @@
+//! Contact sheets: a job's images in a labelled grid, like AUTOMATIC1111's X/Y plot.
+//!
+//! Each cell carries its coordinates (the image's `(field, value)` pairs); an [`Axis`] maps a
+//! coordinate to a column (X) or row (Y). An axis may combine several fields (the cartesian
+//! product of their values): that is how a grid of more than two axes fits one sheet: the first
+//! axis goes along X and every other one (then `prompt`, then `seed`) is folded into the Y
+//! labels (see [`sheet_axes`]).
+
+use image::imageops::{self, FilterType};
+use image::RgbImage;
+
+use super::font::{glyph, GLYPH_H, GLYPH_W};
+use super::png_meta::encode_rgb_png;
+use super::{ManifestRecord, OutputError};
+use crate::spec::GridAxis;
+
+/// Font pixels → sheet pixels.
+const SCALE: usize = 2;
+/// Horizontal advance and line height of the scaled font.
+const ADVANCE: usize = (GLYPH_W + 1) * SCALE;
+const LINE_H: usize = (GLYPH_H + 2) * SCALE;
+/// Margin around the sheet and between label bands and the grid.
+const PAD: usize = 8;
+/// Gap between cells.
+const GAP: usize = 4;
+/// Thumbnail height bounds: small images are upscaled (nearest), large ones downscaled.
+const MIN_CELL_H: u32 = 128;
+const MAX_CELL_H: u32 = 256;
+/// Longest Y label line, in characters.
+const MAX_Y_LABEL_CHARS: usize = 24;
+/// Most lines of an X label.
+const MAX_X_LABEL_LINES: usize = 3;
+
+const BACKGROUND: [u8; 3] = [255, 255, 255];
+const INK: [u8; 3] = [20, 20, 20];
+const MISSING_TILE: [u8; 3] = [150, 150, 150];
+const EMPTY_TILE: [u8; 3] = [225, 225, 225];
+
+/// One axis of a sheet: one or more fields and, for each position, one value per field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Axis {
+    pub fields: Vec<String>,
+    pub values: Vec<Vec<String>>,
+}
+
+impl Axis {
+    /// A one-field axis.
+    pub fn new(field: impl Into<String>, values: Vec<String>) -> Self {
+        Self {
+            fields: vec![field.into()],
+            values: values.into_iter().map(|v| vec![v]).collect(),
+        }
+    }
+
+    /// The axis of a job's `grid:` entry.
+    pub fn from_grid(axis: &GridAxis) -> Self {
+        Self::new(axis.field.clone(), axis.values.clone())
+    }
+
+    /// The cartesian product of several axes (the first varies slowest); `None` when empty.
+    pub fn product(axes: &[Axis]) -> Option<Self> {
+        let (first, rest) = axes.split_first()?;
+        let mut out = first.clone();
+        for axis in rest {
+            let mut values = Vec::with_capacity(out.values.len() * axis.values.len());
+            for a in &out.values {
+                for b in &axis.values {
+                    values.push(a.iter().chain(b.iter()).cloned().collect());
+                }
+            }
+            out.fields.extend(axis.fields.iter().cloned());
+            out.values = values;
+        }
+        Some(out)
+    }
+
+    /// Number of positions.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether the axis has no positions.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The label of position `i`: `field: value, field: value`.
+    pub fn label(&self, i: usize) -> String {
+        let Some(vals) = self.values.get(i) else {
+            return String::new();
+        };
+        self.fields
+            .iter()
+            .zip(vals)
+            .map(|(f, v)| format!("{f}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The position of a point (its `(field, value)` pairs) on this axis.
+    pub fn index_of(&self, point: &[(String, String)]) -> Option<usize> {
+        let mine: Option<Vec<&str>> = self
+            .fields
+            .iter()
+            .map(|f| point.iter().find(|(k, _)| k == f).map(|(_, v)| v.as_str()))
+            .collect();
+        let mine = mine?;
+        self.values
+            .iter()
+            .position(|vals| vals.iter().map(String::as_str).eq(mine.iter().copied()))
+    }
+}
+
+/// What a cell shows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CellContent {
+    /// An RGB8 image, row-major.
+    Image {
+        width: u32,
+        height: u32,
+        rgb: Vec<u8>,
+    },
+    /// No image: a grey tile with this word (`dropped`, `failed`, `quarantined`).
+    Missing(String),
+}
+
+/// One image of a sheet and its coordinates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SheetCell {
+    pub point: Vec<(String, String)>,
+    pub content: CellContent,
+}
+
+/// A rendered sheet and its layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sheet {
+    pub width: u32,
+    pub height: u32,
+    /// RGB8, row-major.
+    pub rgb: Vec<u8>,
+    /// Size of every cell.
+    pub cell_width: u32,
+    pub cell_height: u32,
+    /// Top-left corner of the first cell.
+    pub grid_x: u32,
+    pub grid_y: u32,
+    pub columns: u32,
+    pub rows: u32,
+    /// Pixels between cells.
+    pub gap: u32,
+    /// Height of the title band (from the top edge) and of the X label band under it.
+    pub title_height: u32,
+    pub x_label_height: u32,
+    /// Width of the Y label band (left of the grid, after the margin).
+    pub y_label_width: u32,
+}
+
+/// The coordinates of a record as [`sheet_axes`] names them: its grid point, `prompt`, `seed`.
+pub fn record_point(record: &ManifestRecord) -> Vec<(String, String)> {
+    let mut p = record.grid.clone();
+    p.push(("prompt".into(), record.prompt.clone()));
+    p.push(("seed".into(), record.seed.to_string()));
+    p
+}
+
+/// The axes of a job's sheet. Dimensions are the grid axes, then `prompt` (when the job has
+/// more than one) and `seed` (when more than one). X is the first grid axis (or `seed` when
+/// there is no grid); Y is the product of all the others, so every image gets its own cell.
+pub fn sheet_axes(
+    grid: &[GridAxis],
+    prompts: &[String],
+    seeds: &[u64],
+) -> (Option<Axis>, Option<Axis>) {
+    let mut dims: Vec<Axis> = grid.iter().map(Axis::from_grid).collect();
+    let seed_axis =
+        (seeds.len() > 1).then(|| Axis::new("seed", seeds.iter().map(u64::to_string).collect()));
+    let prompt_axis = (prompts.len() > 1).then(|| Axis::new("prompt", prompts.to_vec()));
+    if dims.is_empty() {
+        // No grid: seeds across, prompts down.
+        return (seed_axis, prompt_axis);
+    }
+    dims.extend(prompt_axis);
+    dims.extend(seed_axis);
+    let x = dims.remove(0);
+    (Some(x), Axis::product(&dims))
+}
+
+/// Wraps `text` to lines of at most `width` characters (at word boundaries when it can), at
+/// most `max_lines` lines, the last one ending in `..` when text was cut.
+fn wrap(text: &str, width: usize, max_lines: usize) -> Vec<String> {
+    let width = width.max(1);
+    let mut lines: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for word in text.split_whitespace() {
+        let mut word: Vec<char> = word.chars().collect();
+        loop {
+            let cur_len = cur.chars().count();
+            let need = if cur.is_empty() {
+                word.len()
+            } else {
+                cur_len + 1 + word.len()
+            };
+            if need <= width {
+                if !cur.is_empty() {
+                    cur.push(' ');
+                }
+                cur.extend(word.iter());
+                break;
+            }
+            if !cur.is_empty() {
+                lines.push(std::mem::take(&mut cur));
+                continue;
+            }
+            // A word longer than a line: split it.
+            let rest = word.split_off(width);
+            lines.push(word.iter().collect());
+            word = rest;
+            if word.is_empty() {
+                break;
+            }
+        }
+    }
+    if !cur.is_empty() {
+        lines.push(cur);
+    }
+    if lines.len() > max_lines {
+        lines.truncate(max_lines);
+        if let Some(last) = lines.last_mut() {
+            let mut chars: Vec<char> = last.chars().collect();
+            chars.truncate(width.saturating_sub(2));
+            *last = chars.into_iter().collect::<String>().trim_end().to_string() + "..";
+        }
+    }
+    lines
+}
+
+/// A canvas with clipped drawing.
+struct Canvas {
+    w: usize,
+    h: usize,
+    px: Vec<u8>,
+}
+
+impl Canvas {
+    fn new(w: usize, h: usize) -> Self {
+        let mut px = vec![0u8; w * h * 3];
+        for p in px.chunks_exact_mut(3) {
+            p.copy_from_slice(&BACKGROUND);
+        }
+        Self { w, h, px }
+    }
+
+    fn fill(&mut self, x: usize, y: usize, w: usize, h: usize, color: [u8; 3]) {
+        for yy in y..(y + h).min(self.h) {
+            for xx in x..(x + w).min(self.w) {
+                let i = (yy * self.w + xx) * 3;
+                self.px[i..i + 3].copy_from_slice(&color);
+            }
+        }
+    }
+
+    fn text(&mut self, x: usize, y: usize, text: &str, color: [u8; 3]) {
+        for (n, c) in text.chars().enumerate() {
+            let gx = x + n * ADVANCE;
+            for (row, bits) in glyph(c).iter().enumerate() {
+                for col in 0..GLYPH_W {
+                    if bits & (1 << (GLYPH_W - 1 - col)) != 0 {
+                        self.fill(gx + col * SCALE, y + row * SCALE, SCALE, SCALE, color);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lines of text centred horizontally in a box of width `w` starting at `x`.
+    fn text_centered(&mut self, x: usize, y: usize, w: usize, lines: &[String], color: [u8; 3]) {
+        for (i, line) in lines.iter().enumerate() {
+            let tw = line.chars().count() * ADVANCE;
+            let lx = x + w.saturating_sub(tw) / 2;
+            self.text(lx, y + i * LINE_H, line, color);
+        }
+    }
+
+    fn blit(&mut self, x: usize, y: usize, img: &RgbImage) {
+        let (iw, ih) = (img.width() as usize, img.height() as usize);
+        let raw = img.as_raw();
+        for yy in 0..ih {
+            if y + yy >= self.h {
+                break;
+            }
+            let n = iw.min(self.w.saturating_sub(x));
+            let src = &raw[yy * iw * 3..(yy * iw + n) * 3];
+            let d = ((y + yy) * self.w + x) * 3;
+            self.px[d..d + n * 3].copy_from_slice(src);
+        }
+    }
+}
+
+/// Renders a contact sheet: `title` on top, X labels above the columns, Y labels left of the
+/// rows, each cell's image scaled to a common height (128..=256 px; upscaled with nearest,
+/// downscaled with a triangle filter) and centred in its cell. A cell whose point is not on an
+/// axis is left out; a slot with no cell is drawn as a light tile saying `missing`; a
+/// [`CellContent::Missing`] cell as a grey tile with its word. Without an X (Y) axis the sheet
+/// has one column (row).
+pub fn contact_sheet(
+    cells: &[SheetCell],
+    x_axis: Option<&Axis>,
+    y_axis: Option<&Axis>,
+    title: &str,
+) -> Sheet {
+    let cols = x_axis.map_or(1, |a| a.len().max(1));
+    let rows = y_axis.map_or(1, |a| a.len().max(1));
+
+    // Cell size from the images.
+    let images: Vec<RgbImage> = cells
+        .iter()
+        .filter_map(|c| match &c.content {
+            CellContent::Image { width, height, rgb } => {
+                RgbImage::from_raw(*width, *height, rgb.clone())
+                    .filter(|_| *width > 0 && *height > 0)
+            }
+            CellContent::Missing(_) => None,
+        })
+        .collect();
+    let max_h = images
+        .iter()
+        .map(|i| i.height())
+        .max()
+        .unwrap_or(MIN_CELL_H);
+    let cell_h = max_h.clamp(MIN_CELL_H, MAX_CELL_H);
+    let scaled_w = |img: &RgbImage| -> u32 {
+        ((f64::from(img.width()) * f64::from(cell_h) / f64::from(img.height())).round() as u32)
+            .clamp(1, cell_h * 4)
+    };
+    let cell_w = images
+        .iter()
+        .map(scaled_w)
+        .max()
+        .unwrap_or(MIN_CELL_H)
+        .max(MIN_CELL_H);
+    let (cw, ch) = (cell_w as usize, cell_h as usize);
+
+    // Label bands.
+    let x_chars = (cw / ADVANCE).max(1);
+    let x_labels: Vec<Vec<String>> = match x_axis {
+        Some(a) => (0..a.len())
+            .map(|i| wrap(&a.label(i), x_chars, MAX_X_LABEL_LINES))
+            .collect(),
+        None => Vec::new(),
+    };
+    let x_label_lines = x_labels.iter().map(Vec::len).max().unwrap_or(0);
+    let x_band = if x_label_lines > 0 {
+        x_label_lines * LINE_H + PAD
+    } else {
+        0
+    };
+
+    let y_lines_fit = (ch / LINE_H).max(1);
+    let y_labels: Vec<Vec<String>> = match y_axis {
+        Some(a) => (0..a.len())
+            .map(|i| {
+                let label = a.label(i);
+                // One line per field where it fits, else wrapped.
+                let mut lines = Vec::new();
+                for part in label.split(", ") {
+                    lines.extend(wrap(part, MAX_Y_LABEL_CHARS, y_lines_fit));
+                }
+                if lines.len() > y_lines_fit {
+                    lines = wrap(&label, MAX_Y_LABEL_CHARS, y_lines_fit);
+                }
+                lines
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let y_chars = y_labels
+        .iter()
+        .flatten()
+        .map(|l| l.chars().count())
+        .max()
+        .unwrap_or(0);
+    let y_band = if y_chars > 0 {
+        y_chars * ADVANCE + PAD
+    } else {
+        0
+    };
+
+    let grid_w = cols * cw + (cols - 1) * GAP;
+    let grid_h = rows * ch + (rows - 1) * GAP;
+    let width = PAD + y_band + grid_w + PAD;
+    let title_chars = (width.saturating_sub(2 * PAD) / ADVANCE).max(1);
+    let title_lines = if title.trim().is_empty() {
+        Vec::new()
+    } else {
+        wrap(title, title_chars, 2)
+    };
+    let title_band = if title_lines.is_empty() {
+        0
+    } else {
+        title_lines.len() * LINE_H + PAD
+    };
+    let height = PAD + title_band + x_band + grid_h + PAD;
+
+    let mut canvas = Canvas::new(width, height);
+    for (i, line) in title_lines.iter().enumerate() {
+        canvas.text(PAD, PAD + i * LINE_H, line, INK);
+    }
+    let gx = PAD + y_band;
+    let gy = PAD + title_band + x_band;
+    for (c, lines) in x_labels.iter().enumerate() {
+        // Bottom-aligned, just above the grid.
+        let y = gy - PAD - lines.len() * LINE_H;
+        canvas.text_centered(gx + c * (cw + GAP), y, cw, lines, INK);
+    }
+    for (r, lines) in y_labels.iter().enumerate() {
+        let y = gy + r * (ch + GAP) + ch.saturating_sub(lines.len() * LINE_H) / 2;
+        for (i, line) in lines.iter().enumerate() {
+            canvas.text(PAD, y + i * LINE_H, line, INK);
+        }
+    }
+
+    // Which cell fills each slot.
+    let mut slots: Vec<Option<&SheetCell>> = vec![None; cols * rows];
+    for cell in cells {
+        let c = match x_axis {
+            Some(a) => a.index_of(&cell.point),
+            None => Some(0),
+        };
+        let r = match y_axis {
+            Some(a) => a.index_of(&cell.point),
+            None => Some(0),
+        };
+        if let (Some(c), Some(r)) = (c, r) {
+            if c < cols && r < rows {
+                slots[r * cols + c] = Some(cell);
+            }
+        }
+    }
+    for r in 0..rows {
+        for c in 0..cols {
+            let (x, y) = (gx + c * (cw + GAP), gy + r * (ch + GAP));
+            let tile = |canvas: &mut Canvas, color, word: &str| {
+                canvas.fill(x, y, cw, ch, color);
+                let lines = wrap(word, x_chars, 2);
+                let ty = y + ch.saturating_sub(lines.len() * LINE_H) / 2;
+                canvas.text_centered(x, ty, cw, &lines, INK);
+            };
+            match slots[r * cols + c].map(|s| &s.content) {
+                None => tile(&mut canvas, EMPTY_TILE, "missing"),
+                Some(CellContent::Missing(word)) => tile(&mut canvas, MISSING_TILE, word),
+                Some(CellContent::Image { width, height, rgb }) => {
+                    match RgbImage::from_raw(*width, *height, rgb.clone()) {
+                        Some(img) if *width > 0 && *height > 0 => {
+                            let nw = scaled_w(&img);
+                            let filter = if cell_h >= img.height() {
+                                FilterType::Nearest
+                            } else {
+                                FilterType::Triangle
+                            };
+                            let thumb = if (nw, cell_h) == (img.width(), img.height()) {
+                                img
+                            } else {
+                                imageops::resize(&img, nw, cell_h, filter)
+                            };
+                            let ox = x + cw.saturating_sub(thumb.width() as usize) / 2;
+                            canvas.blit(ox, y, &thumb);
+                        }
+                        _ => tile(&mut canvas, MISSING_TILE, "bad image"),
+                    }
+                }
+            }
+        }
+    }
+
+    Sheet {
+        width: width as u32,
+        height: height as u32,
+        rgb: canvas.px,
+        cell_width: cell_w,
+        cell_height: cell_h,
+        grid_x: gx as u32,
+        grid_y: gy as u32,
+        columns: cols as u32,
+        rows: rows as u32,
+        gap: GAP as u32,
+        title_height: title_band as u32,
+        x_label_height: x_band as u32,
+        y_label_width: y_band as u32,
+    }
+}
+
+/// Encodes an RGB8 image as a plain PNG (no metadata).
+pub fn encode_plain_png(width: u32, height: u32, rgb: &[u8]) -> Result<Vec<u8>, OutputError> {
+    encode_rgb_png(width, height, rgb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_splits_and_truncates() {
+        assert_eq!(wrap("guidance: 7.5", 10, 3), vec!["guidance:", "7.5"]);
+        assert_eq!(wrap("abcdefghijkl", 5, 3), vec!["abcde", "fghij", "kl"]);
+        assert_eq!(wrap("aa bb cc dd ee", 5, 2), vec!["aa bb", "cc.."]);
+        assert!(wrap("", 5, 2).is_empty());
+    }
+
+    #[test]
+    fn axis_product_and_lookup() {
+        let a = Axis::new("steps", vec!["20".into(), "30".into()]);
+        let b = Axis::new(
+            "scheduler",
+            vec!["ddim".into(), "euler_a".into(), "pndm".into()],
+        );
+        let p = Axis::product(&[a, b]).unwrap();
+        assert_eq!(p.len(), 6);
+        assert_eq!(p.label(4), "steps: 30, scheduler: euler_a");
+        let point = vec![
+            ("scheduler".to_string(), "euler_a".to_string()),
+            ("steps".to_string(), "30".to_string()),
+        ];
+        assert_eq!(p.index_of(&point), Some(4));
+        assert_eq!(p.index_of(&point[..1]), None);
+    }
+}
