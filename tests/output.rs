@@ -482,9 +482,69 @@ fn demo_output_root() {
         encode_plain_png(sheet.width, sheet.height, &sheet.rgb).unwrap(),
     )
     .unwrap();
+    // A 3-axis grid sheet of larger images, with long labels (downscaled thumbnails).
+    let grid = vec![
+        GridAxis {
+            field: "scheduler".into(),
+            values: vec!["ddim".into(), "dpmpp_2m_karras".into()],
+        },
+        GridAxis {
+            field: "guidance".into(),
+            values: vec!["5".into(), "7.5".into()],
+        },
+    ];
+    let prompts = vec![
+        "a very long prompt about a red fox mascot, flat vector, trending".to_string(),
+        "an owl".to_string(),
+    ];
+    let (xa, ya) = sheet_axes(&grid, &prompts, &[7]);
+    let mut cells = Vec::new();
+    let mut n = 0u8;
+    for sc in ["ddim", "dpmpp_2m_karras"] {
+        for g in ["5", "7.5"] {
+            for p in &prompts {
+                n += 1;
+                let mut r = record("grid", 7, p);
+                r.grid = vec![
+                    ("scheduler".into(), sc.into()),
+                    ("guidance".into(), g.into()),
+                ];
+                let mut rgb = gradient(512, 384);
+                rgb.iter_mut().for_each(|v| *v = v.wrapping_add(n * 40));
+                let content = if n == 3 {
+                    CellContent::Missing("failed".into())
+                } else {
+                    CellContent::Image {
+                        width: 512,
+                        height: 384,
+                        rgb,
+                    }
+                };
+                cells.push(SheetCell {
+                    point: record_point(&r),
+                    content,
+                });
+            }
+        }
+    }
+    let sheet = contact_sheet(
+        &cells,
+        xa.as_ref(),
+        ya.as_ref(),
+        "grid: 3 axes folded into rows",
+    );
+    assert_eq!((sheet.columns, sheet.rows, sheet.cell_height), (2, 4, 256));
+    std::fs::write(
+        root.join("grid_sheet.png"),
+        encode_plain_png(sheet.width, sheet.height, &sheet.rgb).unwrap(),
+    )
+    .unwrap();
     let html = report_html(
         &recs,
-        &[("mascots".into(), "mascots/contact_sheet.png".into())],
+        &[
+            ("mascots".into(), "mascots/contact_sheet.png".into()),
+            ("grid".into(), "grid_sheet.png".into()),
+        ],
     );
     std::fs::write(root.join("report.html"), &html).unwrap();
     for r in &recs {

@@ -9,7 +9,7 @@
 use image::imageops::{self, FilterType};
 use image::RgbImage;
 
-use super::font::{glyph, GLYPH_H, GLYPH_W};
+use super::font::{descends, glyph, GLYPH_H, GLYPH_W};
 use super::png_meta::encode_rgb_png;
 use super::{ManifestRecord, OutputError};
 use crate::spec::GridAxis;
@@ -86,15 +86,19 @@ impl Axis {
 
     /// The label of position `i`: `field: value, field: value`.
     pub fn label(&self, i: usize) -> String {
+        self.label_parts(i).join(", ")
+    }
+
+    /// The `field: value` parts of position `i`'s label.
+    pub fn label_parts(&self, i: usize) -> Vec<String> {
         let Some(vals) = self.values.get(i) else {
-            return String::new();
+            return Vec::new();
         };
         self.fields
             .iter()
             .zip(vals)
             .map(|(f, v)| format!("{f}: {v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+            .collect()
     }
 
     /// The position of a point (its `(field, value)` pairs) on this axis.
@@ -262,10 +266,11 @@ impl Canvas {
     fn text(&mut self, x: usize, y: usize, text: &str, color: [u8; 3]) {
         for (n, c) in text.chars().enumerate() {
             let gx = x + n * ADVANCE;
+            let gy = if descends(c) { y + 2 * SCALE } else { y };
             for (row, bits) in glyph(c).iter().enumerate() {
                 for col in 0..GLYPH_W {
                     if bits & (1 << (GLYPH_W - 1 - col)) != 0 {
-                        self.fill(gx + col * SCALE, y + row * SCALE, SCALE, SCALE, color);
+                        self.fill(gx + col * SCALE, gy + row * SCALE, SCALE, SCALE, color);
                     }
                 }
             }
@@ -359,14 +364,13 @@ pub fn contact_sheet(
     let y_labels: Vec<Vec<String>> = match y_axis {
         Some(a) => (0..a.len())
             .map(|i| {
-                let label = a.label(i);
-                // One line per field where it fits, else wrapped.
+                // Each field on its own lines where they fit, else the whole label wrapped.
                 let mut lines = Vec::new();
-                for part in label.split(", ") {
-                    lines.extend(wrap(part, MAX_Y_LABEL_CHARS, y_lines_fit));
+                for part in a.label_parts(i) {
+                    lines.extend(wrap(&part, MAX_Y_LABEL_CHARS, y_lines_fit));
                 }
                 if lines.len() > y_lines_fit {
-                    lines = wrap(&label, MAX_Y_LABEL_CHARS, y_lines_fit);
+                    lines = wrap(&a.label(i), MAX_Y_LABEL_CHARS, y_lines_fit);
                 }
                 lines
             })

@@ -80,7 +80,7 @@ h2 { font-size:16px; margin:18px 0 8px; }
 .gallery { display:grid; grid-template-columns:repeat(auto-fill, minmax(220px, 1fr)); gap:12px; }
 .card { margin:0; background:var(--card); border:1px solid var(--line); border-radius:6px; overflow:hidden; display:flex; flex-direction:column; }
 .card.flagged { border:3px solid var(--flag); }
-.card .thumb { display:block; width:100%; aspect-ratio:1/1; object-fit:contain; background:#e8e8e8; }
+.card .thumb { display:block; width:100%; height:auto; aspect-ratio:1/1; object-fit:contain; background:#e8e8e8; }
 .card .placeholder { width:100%; aspect-ratio:1/1; display:flex; flex-direction:column; align-items:center; justify-content:center; background:repeating-linear-gradient(45deg,#ddd,#ddd 10px,#ccc 10px,#ccc 20px); color:#333; text-align:center; padding:10px; }
 .card .placeholder b { font-size:16px; text-transform:uppercase; }
 .card figcaption { padding:8px 10px; font-size:12px; }
@@ -115,6 +115,10 @@ const JS: &str = r#"
     });
     document.getElementById('shown').textContent = shown;
   }
+  // `report.html#job=NAME&q=TEXT` opens with these filters set.
+  var h = new URLSearchParams(location.hash.slice(1));
+  if (h.has('job')) job.value = h.get('job');
+  if (h.has('q')) q.value = h.get('q');
   job.addEventListener('change', apply);
   q.addEventListener('input', apply);
   apply();
@@ -190,7 +194,9 @@ fn card(out: &mut String, r: &ManifestRecord, kind: Shown) {
         (ImageStatus::Ok, _) if flagged => ("flagged", "flagged".to_string()),
         (ImageStatus::Ok, _) => ("ok", "ok".to_string()),
     };
-    let safety = if !r.safety.checked {
+    let safety = if r.status == ImageStatus::Failed {
+        "n/a".to_string()
+    } else if !r.safety.checked {
         "not checked".to_string()
     } else if flagged {
         match &r.safety.action {
@@ -309,9 +315,9 @@ pub fn report_html(records: &[ManifestRecord], sheets: &[(String, String)]) -> S
         for (job, path) in sheets {
             let src = escape_html(&url_path(path));
             let j = escape_html(job);
-            let _ = write!(
+            let _ = writeln!(
                 out,
-                "<figure data-job=\"{j}\"><figcaption><b>{j}</b></figcaption><a href=\"{src}\"><img src=\"{src}\" loading=\"lazy\" alt=\"contact sheet of {j}\"></a></figure>\n"
+                "<figure data-job=\"{j}\"><figcaption><b>{j}</b></figcaption><a href=\"{src}\"><img src=\"{src}\" loading=\"lazy\" alt=\"contact sheet of {j}\"></a></figure>"
             );
         }
         out.push_str("</section>\n");
@@ -320,9 +326,9 @@ pub fn report_html(records: &[ManifestRecord], sheets: &[(String, String)]) -> S
     if !quarantined.is_empty() {
         out.push_str("<h2>Quarantined</h2>\n<section class=\"quarantine\"><p>Flagged by the safety checker and kept out of this page; their files are in the quarantine folder.</p><ul>\n");
         for r in &quarantined {
-            let _ = write!(
+            let _ = writeln!(
                 out,
-                "<li data-job=\"{}\"><code>{}</code> job {} seed {}</li>\n",
+                "<li data-job=\"{}\"><code>{}</code> job {} seed {}</li>",
                 escape_html(&r.job),
                 escape_html(&r.key),
                 escape_html(&r.job),
