@@ -6,8 +6,9 @@ use std::io::Cursor;
 use sd_run::output::contact_sheet::{record_point, sheet_axes};
 use sd_run::output::png_meta::read_record;
 use sd_run::output::{
-    black, blur, contact_sheet, encode_plain_png, encode_png, parse_parameters, read_text_chunks,
-    report_html, to_rgb8, Axis, CellContent, ImageStatus, ManifestRecord, SafetyRecord, SheetCell,
+    black, blur, contact_sheet, encode_plain_png, encode_png, job_sheet, parse_parameters,
+    read_text_chunks, report_html, to_rgb8, Axis, CellContent, ImageStatus, ManifestRecord,
+    SafetyRecord, SheetCell,
 };
 use sd_run::spec::{GridAxis, RefinerStage};
 
@@ -555,4 +556,69 @@ fn demo_output_root() {
             }
         }
     }
+}
+
+#[test]
+fn job_sheet_reads_the_records_pngs() {
+    use sd_run::output::contact_sheet::record_cell;
+    use sd_run::spec::{GenParams, Job, PromptEntry};
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("job-sheet");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("j")).unwrap();
+    let job = Job {
+        name: "j".into(),
+        model: "sd15".into(),
+        prompts: vec![PromptEntry {
+            prompt: "a fox".into(),
+            negative_prompt: None,
+        }],
+        seeds: vec![1, 2],
+        grid: vec![GridAxis {
+            field: "steps".into(),
+            values: vec!["20".into(), "30".into()],
+        }],
+        params: GenParams::default(),
+    };
+    let colors = [[10, 20, 30], [40, 50, 60], [70, 80, 90], [100, 110, 120]];
+    let mut recs = Vec::new();
+    let mut i = 0;
+    for steps in ["20", "30"] {
+        for seed in [1u64, 2] {
+            let mut r = record("j", seed, "a fox");
+            r.grid = vec![("steps".into(), steps.into())];
+            r.path = Some(format!("j/{steps}-{seed}.png"));
+            let png =
+                encode_png(r.width, r.height, &solid(r.width, r.height, colors[i]), &r).unwrap();
+            std::fs::write(root.join(r.path.as_ref().unwrap()), png).unwrap();
+            recs.push(r);
+            i += 1;
+        }
+    }
+    // steps 30 / seed 2 was quarantined: its file exists but the sheet must not show it.
+    recs[3].safety.flagged = true;
+    recs[3].safety.action = Some("quarantine".into());
+    recs.push(record("other-job", 1, "ignored"));
+    let sheet = job_sheet(&job, &recs, &root);
+    // X = steps, Y = seed.
+    assert_eq!((sheet.columns, sheet.rows), (2, 2));
+    let at = |c: u32, r: u32| {
+        let x = sheet.grid_x + c * (sheet.cell_width + sheet.gap) + sheet.cell_width / 2;
+        let y = sheet.grid_y + r * (sheet.cell_height + sheet.gap) + 2;
+        let i = ((y * sheet.width + x) * 3) as usize;
+        [sheet.rgb[i], sheet.rgb[i + 1], sheet.rgb[i + 2]]
+    };
+    assert_eq!(at(0, 0), colors[0]); // steps 20, seed 1
+    assert_eq!(at(0, 1), colors[1]); // steps 20, seed 2
+    assert_eq!(at(1, 0), colors[2]); // steps 30, seed 1
+    assert_eq!(at(1, 1), [150, 150, 150]); // quarantined: grey tile
+    assert_eq!(
+        record_cell(&recs[3], &root).content,
+        CellContent::Missing("quarantined".into())
+    );
+    let mut gone = recs[0].clone();
+    gone.path = Some("j/nope.png".into());
+    assert_eq!(
+        record_cell(&gone, &root).content,
+        CellContent::Missing("unreadable".into())
+    );
 }

@@ -11,8 +11,9 @@ use image::RgbImage;
 
 use super::font::{descends, glyph, GLYPH_H, GLYPH_W};
 use super::png_meta::encode_rgb_png;
-use super::{ManifestRecord, OutputError};
-use crate::spec::GridAxis;
+use super::{ImageStatus, ManifestRecord, OutputError};
+use crate::spec::{GridAxis, Job};
+use std::path::Path;
 
 /// Font pixels → sheet pixels.
 const SCALE: usize = 2;
@@ -26,6 +27,8 @@ const GAP: usize = 4;
 /// Thumbnail height bounds: small images are upscaled (nearest), large ones downscaled.
 const MIN_CELL_H: u32 = 128;
 const MAX_CELL_H: u32 = 256;
+/// Sheets with more cells than this use the minimum cell height.
+const MANY_CELLS: usize = 36;
 /// Longest Y label line, in characters.
 const MAX_Y_LABEL_CHARS: usize = 24;
 /// Most lines of an X label.
@@ -189,6 +192,58 @@ pub fn sheet_axes(
     (Some(x), Axis::product(&dims))
 }
 
+/// Decodes a PNG to RGB8 `(width, height, pixels)`.
+pub fn decode_rgb8(bytes: &[u8]) -> Result<(u32, u32, Vec<u8>), OutputError> {
+    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
+        .map_err(|e| OutputError::Image(e.to_string()))?
+        .to_rgb8();
+    Ok((img.width(), img.height(), img.into_raw()))
+}
+
+/// The sheet cell of a record: its PNG (read from `root` joined with its `path`), or a grey tile
+/// saying why there is none: `failed`, `dropped`, `quarantined` (never shown) or `unreadable`.
+pub fn record_cell(record: &ManifestRecord, root: &Path) -> SheetCell {
+    let point = record_point(record);
+    let missing = |w: &str| SheetCell {
+        point: point.clone(),
+        content: CellContent::Missing(w.into()),
+    };
+    if record.status == ImageStatus::Failed {
+        return missing("failed");
+    }
+    match record.safety.action.as_deref() {
+        Some("quarantine") if record.safety.flagged => return missing("quarantined"),
+        Some("drop") if record.safety.flagged => return missing("dropped"),
+        _ => {}
+    }
+    let Some(path) = &record.path else {
+        return missing("dropped");
+    };
+    match std::fs::read(root.join(path))
+        .map_err(|e| OutputError::Image(e.to_string()))
+        .and_then(|b| decode_rgb8(&b))
+    {
+        Ok((width, height, rgb)) => SheetCell {
+            point,
+            content: CellContent::Image { width, height, rgb },
+        },
+        Err(_) => missing("unreadable"),
+    }
+}
+
+/// A job's contact sheet from manifest records (records of other jobs are ignored), titled
+/// with the job's name, laid out by [`sheet_axes`]; images are read from under `root`.
+pub fn job_sheet(job: &Job, records: &[ManifestRecord], root: &Path) -> Sheet {
+    let prompts: Vec<String> = job.prompts.iter().map(|p| p.prompt.clone()).collect();
+    let (x, y) = sheet_axes(&job.grid, &prompts, &job.seeds);
+    let cells: Vec<SheetCell> = records
+        .iter()
+        .filter(|r| r.job == job.name)
+        .map(|r| record_cell(r, root))
+        .collect();
+    contact_sheet(&cells, x.as_ref(), y.as_ref(), &job.name)
+}
+
 /// Wraps `text` to lines of at most `width` characters (at word boundaries when it can), at
 /// most `max_lines` lines, the last one ending in `..` when text was cut.
 fn wrap(text: &str, width: usize, max_lines: usize) -> Vec<String> {
@@ -302,8 +357,8 @@ impl Canvas {
 }
 
 /// Renders a contact sheet: `title` on top, X labels above the columns, Y labels left of the
-/// rows, each cell's image scaled to a common height (128..=256 px; upscaled with nearest,
-/// downscaled with a triangle filter) and centred in its cell. A cell whose point is not on an
+/// rows, each cell's image scaled to a common height (128..=256 px, 128 beyond 36 cells;
+/// upscaled with nearest, downscaled with a triangle filter) and centred in its cell. A cell whose point is not on an
 /// axis is left out; a slot with no cell is drawn as a light tile saying `missing`; a
 /// [`CellContent::Missing`] cell as a grey tile with its word. Without an X (Y) axis the sheet
 /// has one column (row).
@@ -332,7 +387,12 @@ pub fn contact_sheet(
         .map(|i| i.height())
         .max()
         .unwrap_or(MIN_CELL_H);
-    let cell_h = max_h.clamp(MIN_CELL_H, MAX_CELL_H);
+    let max_cell_h = if cols * rows > MANY_CELLS {
+        MIN_CELL_H
+    } else {
+        MAX_CELL_H
+    };
+    let cell_h = max_h.clamp(MIN_CELL_H, max_cell_h);
     let scaled_w = |img: &RgbImage| -> u32 {
         ((f64::from(img.width()) * f64::from(cell_h) / f64::from(img.height())).round() as u32)
             .clamp(1, cell_h * 4)

@@ -7,9 +7,14 @@ pub mod png_meta;
 pub mod record;
 pub mod report;
 
-pub use contact_sheet::{contact_sheet, encode_plain_png, Axis, CellContent, Sheet, SheetCell};
+pub use contact_sheet::{
+    contact_sheet, encode_plain_png, job_sheet, Axis, CellContent, Sheet, SheetCell,
+};
 pub use pixels::{black, blur, to_rgb8};
-pub use png_meta::{a1111_parameters, encode_png, parse_parameters, read_text_chunks, A1111Params};
+pub use png_meta::{
+    a1111_parameters, encode_png, encode_png_with, parse_parameters, read_record, read_text_chunks,
+    A1111Params,
+};
 pub use record::*;
 pub use report::report_html;
 
@@ -39,6 +44,9 @@ pub enum OutputError {
     /// The manifest record could not be serialised.
     #[error("manifest record to JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// An image file could not be read or decoded.
+    #[error("image: {0}")]
+    Image(String),
     /// An A1111 `parameters` text could not be parsed.
     #[error("A1111 parameters: {0}")]
     Parameters(String),
