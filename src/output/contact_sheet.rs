@@ -7,7 +7,7 @@
 //! labels (see [`sheet_axes`]).
 
 use image::imageops::{self, FilterType};
-use image::RgbImage;
+use image::{ImageBuffer, Rgb};
 
 use super::font::{descends, glyph, GLYPH_H, GLYPH_W};
 use super::png_meta::encode_rgb_png;
@@ -293,6 +293,18 @@ fn wrap(text: &str, width: usize, max_lines: usize) -> Vec<String> {
     lines
 }
 
+/// `(width, height)` of an image cell whose buffer matches its size.
+fn valid_image(content: &CellContent) -> Option<(u32, u32)> {
+    match content {
+        CellContent::Image { width, height, rgb }
+            if *width > 0 && *height > 0 && rgb.len() == *width as usize * *height as usize * 3 =>
+        {
+            Some((*width, *height))
+        }
+        _ => None,
+    }
+}
+
 /// A canvas with clipped drawing.
 struct Canvas {
     w: usize,
@@ -341,9 +353,11 @@ impl Canvas {
         }
     }
 
-    fn blit(&mut self, x: usize, y: usize, img: &RgbImage) {
-        let (iw, ih) = (img.width() as usize, img.height() as usize);
-        let raw = img.as_raw();
+    /// Copies an `iw`×`ih` RGB8 image (`raw`, row-major) with its top-left at (x, y), clipped.
+    fn blit(&mut self, x: usize, y: usize, iw: usize, ih: usize, raw: &[u8]) {
+        if raw.len() < iw * ih * 3 || x >= self.w {
+            return;
+        }
         for yy in 0..ih {
             if y + yy >= self.h {
                 break;
@@ -372,34 +386,24 @@ pub fn contact_sheet(
     let rows = y_axis.map_or(1, |a| a.len().max(1));
 
     // Cell size from the images.
-    let images: Vec<RgbImage> = cells
+    // Sizes of the valid images (a buffer that does not match its size draws as "bad image").
+    let sizes: Vec<(u32, u32)> = cells
         .iter()
-        .filter_map(|c| match &c.content {
-            CellContent::Image { width, height, rgb } => {
-                RgbImage::from_raw(*width, *height, rgb.clone())
-                    .filter(|_| *width > 0 && *height > 0)
-            }
-            CellContent::Missing(_) => None,
-        })
+        .filter_map(|c| valid_image(&c.content))
         .collect();
-    let max_h = images
-        .iter()
-        .map(|i| i.height())
-        .max()
-        .unwrap_or(MIN_CELL_H);
+    let max_h = sizes.iter().map(|&(_, h)| h).max().unwrap_or(MIN_CELL_H);
     let max_cell_h = if cols * rows > MANY_CELLS {
         MIN_CELL_H
     } else {
         MAX_CELL_H
     };
     let cell_h = max_h.clamp(MIN_CELL_H, max_cell_h);
-    let scaled_w = |img: &RgbImage| -> u32 {
-        ((f64::from(img.width()) * f64::from(cell_h) / f64::from(img.height())).round() as u32)
-            .clamp(1, cell_h * 4)
+    let scaled_w = |(w, h): (u32, u32)| -> u32 {
+        ((f64::from(w) * f64::from(cell_h) / f64::from(h)).round() as u32).clamp(1, cell_h * 4)
     };
-    let cell_w = images
+    let cell_w = sizes
         .iter()
-        .map(scaled_w)
+        .map(|&s| scaled_w(s))
         .max()
         .unwrap_or(MIN_CELL_H)
         .max(MIN_CELL_H);
@@ -512,26 +516,28 @@ pub fn contact_sheet(
             match slots[r * cols + c].map(|s| &s.content) {
                 None => tile(&mut canvas, EMPTY_TILE, "missing"),
                 Some(CellContent::Missing(word)) => tile(&mut canvas, MISSING_TILE, word),
-                Some(CellContent::Image { width, height, rgb }) => {
-                    match RgbImage::from_raw(*width, *height, rgb.clone()) {
-                        Some(img) if *width > 0 && *height > 0 => {
-                            let nw = scaled_w(&img);
-                            let filter = if cell_h >= img.height() {
+                Some(content @ CellContent::Image { rgb, .. }) => match valid_image(content) {
+                    Some((iw, ih)) => {
+                        let nw = scaled_w((iw, ih));
+                        let ox = x + cw.saturating_sub(nw as usize) / 2;
+                        if (nw, cell_h) == (iw, ih) {
+                            canvas.blit(ox, y, iw as usize, ih as usize, rgb);
+                        } else {
+                            let filter = if cell_h >= ih {
                                 FilterType::Nearest
                             } else {
                                 FilterType::Triangle
                             };
-                            let thumb = if (nw, cell_h) == (img.width(), img.height()) {
-                                img
-                            } else {
-                                imageops::resize(&img, nw, cell_h, filter)
-                            };
-                            let ox = x + cw.saturating_sub(thumb.width() as usize) / 2;
-                            canvas.blit(ox, y, &thumb);
+                            // Borrowed view: no copy of the full-size image.
+                            if let Some(view) = ImageBuffer::<Rgb<u8>, &[u8]>::from_raw(iw, ih, rgb)
+                            {
+                                let thumb = imageops::resize(&view, nw, cell_h, filter);
+                                canvas.blit(ox, y, nw as usize, cell_h as usize, thumb.as_raw());
+                            }
                         }
-                        _ => tile(&mut canvas, MISSING_TILE, "bad image"),
                     }
-                }
+                    None => tile(&mut canvas, MISSING_TILE, "bad image"),
+                },
             }
         }
     }
@@ -586,5 +592,38 @@ mod tests {
         ];
         assert_eq!(p.index_of(&point), Some(4));
         assert_eq!(p.index_of(&point[..1]), None);
+    }
+
+    #[test]
+    fn bad_buffers_and_unplaced_cells_do_not_panic() {
+        let cells = vec![
+            SheetCell {
+                point: vec![("seed".into(), "1".into())],
+                content: CellContent::Image {
+                    width: 10,
+                    height: 10,
+                    rgb: vec![0; 7],
+                },
+            },
+            // Not on the axis: left out.
+            SheetCell {
+                point: vec![("seed".into(), "99".into())],
+                content: CellContent::Image {
+                    width: 2,
+                    height: 2,
+                    rgb: vec![0; 12],
+                },
+            },
+        ];
+        let x = Axis::new("seed", vec!["1".into(), "2".into()]);
+        let sheet = contact_sheet(&cells, Some(&x), None, "t");
+        assert_eq!((sheet.columns, sheet.rows, sheet.cell_height), (2, 1, 128));
+        let px = |x: u32, y: u32| {
+            let i = ((y * sheet.width + x) * 3) as usize;
+            [sheet.rgb[i], sheet.rgb[i + 1], sheet.rgb[i + 2]]
+        };
+        assert_eq!(px(sheet.grid_x + 1, sheet.grid_y + 1), MISSING_TILE);
+        let second = sheet.grid_x + sheet.cell_width + sheet.gap + 1;
+        assert_eq!(px(second, sheet.grid_y + 1), EMPTY_TILE);
     }
 }
