@@ -372,10 +372,10 @@ impl Canvas {
 
 /// Renders a contact sheet: `title` on top, X labels above the columns, Y labels left of the
 /// rows, each cell's image scaled to a common height (128..=256 px, 128 beyond 36 cells;
-/// upscaled with nearest, downscaled with a triangle filter) and centred in its cell. A cell whose point is not on an
-/// axis is left out; a slot with no cell is drawn as a light tile saying `missing`; a
-/// [`CellContent::Missing`] cell as a grey tile with its word. Without an X (Y) axis the sheet
-/// has one column (row).
+/// upscaled with nearest, downscaled with a triangle filter) and centred in its cell. A cell
+/// whose point is not on an axis is left out; a slot with no cell is drawn as a light tile
+/// saying `missing`; a [`CellContent::Missing`] cell (or an image whose buffer does not match
+/// its size) as a grey tile with its word. Without an X (Y) axis the sheet has one column (row).
 pub fn contact_sheet(
     cells: &[SheetCell],
     x_axis: Option<&Axis>,
@@ -385,8 +385,8 @@ pub fn contact_sheet(
     let cols = x_axis.map_or(1, |a| a.len().max(1));
     let rows = y_axis.map_or(1, |a| a.len().max(1));
 
-    // Cell size from the images.
-    // Sizes of the valid images (a buffer that does not match its size draws as "bad image").
+    // Cell size from the sizes of the valid images (a buffer that does not match its size
+    // draws as "bad image").
     let sizes: Vec<(u32, u32)> = cells
         .iter()
         .filter_map(|c| valid_image(&c.content))
