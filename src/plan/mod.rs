@@ -167,6 +167,55 @@ impl FromIterator<(String, u64)> for ModelSizes {
     }
 }
 
+/// A small fast hasher (FxHash) for the planner's in-memory maps: the data is local, so there
+/// is no flooding to defend against, and SipHash dominated planning time.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 56));
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(i as u64);
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.add(i as u64);
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+pub(crate) type FxBuild = std::hash::BuildHasherDefault<FxHasher>;
+
+/// SDXL conditioning as hashable values: original size, crop, aesthetic scores' bits.
+type SdxlBits = (Option<(u32, u32)>, (u32, u32), u64, u64);
+
 /// The batching fields of a request: requests with equal keys may share a UNet forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct BatchKey<'a> {
@@ -180,7 +229,7 @@ pub(crate) struct BatchKey<'a> {
     scheduler: SchedulerName,
     noise: NoiseSource,
     refiner: Option<(&'a str, u64)>,
-    sdxl: (Option<(u32, u32)>, (u32, u32), u64, u64),
+    sdxl: SdxlBits,
     init: Option<(&'a Path, u64)>,
     batch_size: u32,
 }
@@ -227,7 +276,7 @@ pub(crate) fn batch_groups(
     requests: &[ImageRequest],
     indices: impl Iterator<Item = usize>,
 ) -> Vec<Vec<usize>> {
-    let mut ids: HashMap<BatchKey<'_>, usize> = HashMap::new();
+    let mut ids: HashMap<BatchKey<'_>, usize, FxBuild> = HashMap::default();
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for i in indices {
         let k = BatchKey::of(&requests[i]);
@@ -241,7 +290,10 @@ pub(crate) fn batch_groups(
 }
 
 /// Splits groups into batches of at most each group's `batch_size`.
-pub(crate) fn chunk_groups(requests: &[ImageRequest], groups: &[Vec<usize>]) -> Vec<Batch> {
+pub(crate) fn chunk_groups<'g>(
+    requests: &[ImageRequest],
+    groups: impl IntoIterator<Item = &'g [usize]>,
+) -> Vec<Batch> {
     let mut out = Vec::new();
     for g in groups {
         let Some(&first) = g.first() else { continue };
@@ -286,7 +338,7 @@ pub fn plan_indices(
     indices: impl IntoIterator<Item = usize>,
 ) -> Plan {
     let mut plan = Plan::default();
-    let mut seen: HashSet<&str> = HashSet::new();
+    let mut seen: HashSet<&str, FxBuild> = HashSet::default();
     let mut make = Vec::new();
     for i in indices {
         if i >= requests.len() {
@@ -345,11 +397,11 @@ pub fn plan_indices(
         }
     }
     let stage_of = |model: &str, role: Role, gids: &[usize]| -> Stage {
-        let gs: Vec<Vec<usize>> = gids.iter().map(|&g| groups[g].clone()).collect();
+        let gs = gids.iter().map(|&g| groups[g].as_slice());
         Stage {
             model: model.to_string(),
             role,
-            batches: chunk_groups(requests, &gs),
+            batches: chunk_groups(requests, gs),
             load: false,
             evict: Vec::new(),
         }

@@ -80,7 +80,7 @@ impl Rates {
     /// measurement by 1/3 once a rate exists). Ignores empty or non-finite measurements.
     pub fn record(&mut self, model: &str, seconds: f64, images: usize, steps: f64, pixels: u64) {
         let work = images as f64 * steps * pixels as f64 / self.reference_pixels as f64;
-        if !(work > 0.0) || !seconds.is_finite() || seconds < 0.0 {
+        if work.is_nan() || work <= 0.0 || !seconds.is_finite() || seconds < 0.0 {
             return;
         }
         let measured = seconds / work;

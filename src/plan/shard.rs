@@ -111,7 +111,8 @@ pub fn assign_shards(requests: &[ImageRequest], count: usize) -> Vec<usize> {
             continue;
         }
         // Split by batch-sized chunks: fill the least-loaded shard to the target, then the next.
-        let batches = chunk_groups(requests, &batch_groups(requests, groups[g].iter().copied()));
+        let bg = batch_groups(requests, groups[g].iter().copied());
+        let batches = chunk_groups(requests, bg.iter().map(Vec::as_slice));
         let mut s = s;
         for b in batches {
             let c: u128 = b.items.iter().map(|&i| cost(&requests[i])).sum();
