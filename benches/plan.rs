@@ -83,4 +83,24 @@ fn main() {
         Some(k) => println!("peak RSS: {:.1} MiB", k as f64 / 1024.0),
         None => println!("peak RSS: unknown"),
     }
+    drop((requests, keys, p));
+    // Weight digests: sha256 of a 256 MiB file (page-cached, so this is the hashing speed).
+    let file = std::env::temp_dir().join(format!("sd-run-bench-digest-{}", std::process::id()));
+    let data: Vec<u8> = (0..256u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    if std::fs::write(&file, &data).is_ok() {
+        drop(data);
+        let _ = sd_run::cache::sha256_file(&file);
+        let t = Instant::now();
+        let ok = sd_run::cache::sha256_file(&file).is_ok();
+        let secs = t.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(&file);
+        if ok {
+            println!(
+                "digest:   256 MiB in {secs:.3} s ({:.0} MiB/s)",
+                256.0 / secs
+            );
+        }
+    }
 }

@@ -371,12 +371,12 @@ fn shards_are_disjoint_complete_and_cache_independent() {
             let mut total_make = BTreeSet::new();
             for k in 0..n {
                 let shard = Shard { index: k, count: n };
-                let p = plan_shard(&c.requests, &c.keys, &c.cached, None, &sizes, shard);
+                let p = plan_shard(&c.requests, &c.keys, &c.cached, &c.spec, &sizes, shard);
                 let idx: Vec<usize> = (0..n_req).filter(|&i| assigned[i] == k).collect();
                 for &i in &idx {
                     covered[i] += 1;
                 }
-                check_plan(&c, &p, &idx, None, &sizes);
+                check_plan(&c, &p, &idx, c.spec.memory_budget, &sizes);
                 for st in p.stages.iter().filter(|s| s.role == Role::Base) {
                     for b in &st.batches {
                         total_make.extend(b.items.iter().map(|&i| c.keys[i].clone()));

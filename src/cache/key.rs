@@ -25,7 +25,7 @@
 //! 10. height
 //! 11. noise source
 //! 12. refiner flag; when 1: refiner weight digest, refiner dtype, `switch_at`
-//! 13. SDXL `original_size` flag; when 1: its width, height; then crop top, crop left,
+//! 13. SDXL `original_size` width, height (the image size when unset); crop top, crop left,
 //!     aesthetic score, negative aesthetic score
 //! 14. init-image flag; when 1: the init image file's sha256, strength
 //! 15. dtype computed in
@@ -39,7 +39,7 @@
 //! `unresolved:<name or path>` by [`image_key`]; [`try_image_key`] refuses it instead.
 
 use super::CacheError;
-use crate::spec::{ImageRequest, Precision, SafetyAction};
+use crate::spec::{CheckerChoice, ImageRequest, Precision, SafetyAction, SafetyPolicy};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -86,6 +86,19 @@ impl Default for SafetyKey {
 }
 
 impl SafetyKey {
+    /// The key's safety settings for a policy: `checker_digest` is the digest of the checker
+    /// that will actually run (`None` when none runs: `checker: off`, or a model without one).
+    pub fn from_policy(policy: &SafetyPolicy, checker_digest: Option<&str>) -> Self {
+        match (&policy.checker, checker_digest) {
+            (CheckerChoice::Off, _) | (_, None) => Self::off(),
+            (_, Some(d)) => Self {
+                checker: d.to_string(),
+                action: policy.action,
+                threshold_adjust: policy.threshold_adjust,
+            },
+        }
+    }
+
     /// No checker: action and threshold then do not enter the key.
     pub fn off() -> Self {
         Self {
@@ -208,14 +221,10 @@ fn encode(req: &ImageRequest, ctx: &KeyContext, strict: bool) -> Result<String, 
         None => e.flag(false),
     }
     let s = &p.sdxl;
-    match s.original_size {
-        Some((w, h)) => {
-            e.flag(true);
-            e.u64(w as u64);
-            e.u64(h as u64);
-        }
-        None => e.flag(false),
-    }
+    // `None` means the image size: encode what the model is actually given.
+    let (ow, oh) = s.original_size.unwrap_or((p.width, p.height));
+    e.u64(ow as u64);
+    e.u64(oh as u64);
     e.u64(s.crop.0 as u64);
     e.u64(s.crop.1 as u64);
     e.f64(s.aesthetic_score);
@@ -362,7 +371,7 @@ mod tests {
             })
         });
         add("sdxl.original", &|r, _| {
-            r.params.sdxl.original_size = Some((512, 512))
+            r.params.sdxl.original_size = Some((1024, 1024))
         });
         add("sdxl.crop", &|r, _| r.params.sdxl.crop = (0, 8));
         add("sdxl.aesthetic", &|r, _| {
@@ -449,6 +458,10 @@ mod tests {
         c.init_image_digests
             .insert("/unused.png".into(), "ee".repeat(32));
         assert_eq!(image_key(&req(), &c), base);
+        // An unset SDXL original size is the image size.
+        let mut orig = req();
+        orig.params.sdxl.original_size = Some((orig.params.width, orig.params.height));
+        assert_eq!(image_key(&orig, &ctx()), base);
         // -0.0 and 0.0 are one value.
         let mut z = req();
         z.params.guidance = 0.0;
@@ -462,6 +475,22 @@ mod tests {
         off2.safety.action = SafetyAction::Drop;
         off2.safety.threshold_adjust = 1.0;
         assert_eq!(image_key(&req(), &off1), image_key(&req(), &off2));
+    }
+
+    #[test]
+    fn safety_from_policy() {
+        let mut pol = SafetyPolicy {
+            threshold_adjust: 0.5,
+            ..SafetyPolicy::default()
+        };
+        let k = SafetyKey::from_policy(&pol, Some("abc"));
+        assert_eq!(
+            (k.checker.as_str(), k.action, k.threshold_adjust),
+            ("abc", SafetyAction::Blur, 0.5)
+        );
+        assert_eq!(SafetyKey::from_policy(&pol, None), SafetyKey::off());
+        pol.checker = CheckerChoice::Off;
+        assert_eq!(SafetyKey::from_policy(&pol, Some("abc")), SafetyKey::off());
     }
 
     #[test]

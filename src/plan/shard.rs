@@ -8,7 +8,7 @@
 //! next. Shards are disjoint and together hold every request.
 
 use super::{batch_groups, chunk_groups, plan_indices, ModelSizes, Plan};
-use crate::spec::ImageRequest;
+use crate::spec::{ImageRequest, Spec};
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
@@ -138,12 +138,12 @@ pub fn shard_indices(requests: &[ImageRequest], shard: Shard) -> Vec<usize> {
         .collect()
 }
 
-/// Plans one shard's requests (batch items index `requests`).
+/// Plans one shard's requests (batch items index `requests`), under the spec's memory budget.
 pub fn plan_shard(
     requests: &[ImageRequest],
     keys: &[String],
     cached: &[bool],
-    memory_budget: Option<u64>,
+    spec: &Spec,
     sizes: &ModelSizes,
     shard: Shard,
 ) -> Plan {
@@ -151,7 +151,7 @@ pub fn plan_shard(
         requests,
         keys,
         cached,
-        memory_budget,
+        spec.memory_budget,
         sizes,
         shard_indices(requests, shard),
     )
