@@ -124,7 +124,7 @@ impl TorchRng {
         for block in data.chunks_exact_mut(16) {
             normal_fill_16(block);
         }
-        if size % 16 != 0 {
+        if !size.is_multiple_of(16) {
             let tail = &mut data[size - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
@@ -167,7 +167,7 @@ fn cephes_log(x: f32) -> f32 {
     ];
     const Q1: f32 = -2.12194440e-4f64 as f32;
     const Q2: f32 = 0.693359375;
-    const SQRTHF: f32 = 0.707106781186547524f64 as f32;
+    const SQRTHF: f32 = std::f64::consts::FRAC_1_SQRT_2 as f32;
     if x.is_nan() || x <= 0.0 {
         return f32::NAN;
     }

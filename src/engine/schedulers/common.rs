@@ -212,7 +212,7 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 /// `np.arange(start, stop, step)` in float64 (`start + i * step`).
 pub(crate) fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil();
-    if !(len > 0.0) {
+    if len.is_nan() || len <= 0.0 {
         return Vec::new();
     }
     (0..len as usize).map(|i| start + i as f64 * step).collect()

@@ -210,7 +210,7 @@ fn ddim_clips_predicted_x0_by_default() {
         .alphas_cumprod;
     let (tt, tp) = (s.timesteps()[0] as usize, s.timesteps()[1] as usize);
     assert_eq!((tt, tp), (500, 0));
-    let want = ac[tp].sqrt() * -1.0 + (1.0 - ac[tp]).sqrt() * 100.0;
+    let want = -ac[tp].sqrt() + (1.0 - ac[tp]).sqrt() * 100.0;
     assert!((out[0] - want).abs() < 1e-4, "{} vs {want}", out[0]);
 }
 
