@@ -135,6 +135,76 @@ impl TorchRng {
     }
 }
 
+/// Per-image torch-compatible noise streams: image `b` of a batch draws from its own
+/// [`TorchRng`], so an image's noise never depends on its batch or position.
+pub struct TorchNoise {
+    rngs: Vec<TorchRng>,
+}
+
+impl TorchNoise {
+    /// One generator per image, seeded with the image's seed.
+    pub fn new(seeds: &[u64]) -> Self {
+        TorchNoise {
+            rngs: seeds.iter().map(|&s| TorchRng::new(s)).collect(),
+        }
+    }
+
+    /// The generators, in batch order.
+    pub fn rngs_mut(&mut self) -> &mut [TorchRng] {
+        &mut self.rngs
+    }
+
+    /// `randn` of shape `[B, rest...]` (B = number of images): image `b` draws `[1, rest...]`
+    /// from its own stream, as diffusers' `randn_tensor` does with a list of generators.
+    pub fn randn(
+        &mut self,
+        shape: &[usize],
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let (&batch, rest) = shape
+            .split_first()
+            .ok_or_else(|| candle_core::Error::Msg("noise shape is empty".into()))?;
+        if batch != self.rngs.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "noise for a batch of {batch} but {} generators",
+                self.rngs.len()
+            )));
+        }
+        let mut one = vec![1usize];
+        one.extend_from_slice(rest);
+        let mut data = Vec::with_capacity(shape.iter().product());
+        for rng in &mut self.rngs {
+            data.extend(rng.randn(&one));
+        }
+        candle_core::Tensor::from_vec(data, shape, &candle_core::Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)
+    }
+}
+
+impl crate::engine::schedulers::NoiseFn for TorchNoise {
+    fn randn_like(
+        &mut self,
+        like: &candle_core::Tensor,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.randn(like.dims(), like.dtype(), like.device())
+    }
+}
+
+/// Noise from the device's own generator (`noise: device`): fast, not reproducible across
+/// devices.
+pub struct DeviceNoise;
+
+impl crate::engine::schedulers::NoiseFn for DeviceNoise {
+    fn randn_like(
+        &mut self,
+        like: &candle_core::Tensor,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        like.randn_like(0.0, 1.0)
+    }
+}
+
 /// Box-Muller on 16 uniforms in place: lanes `j` and `j + 8` give `r cos θ` and `r sin θ`.
 fn normal_fill_16(data: &mut [f32]) {
     let two_pi = (2.0f64 * std::f64::consts::PI) as f32;
@@ -334,6 +404,33 @@ mod tests {
                 assert_bits(&got, &want[i * per..(i + 1) * per], file);
             }
         }
+    }
+
+    #[test]
+    fn torch_noise_batches_per_image_streams() {
+        use crate::engine::schedulers::NoiseFn;
+        let g = golden("euler_a_batch.safetensors");
+        let (shape, want) = &g["init_noise"];
+        let mut noise = TorchNoise::new(&[500, 501]);
+        let first = noise
+            .randn(shape, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .expect("noise");
+        let got: Vec<f32> = first.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
+        assert_bits(&got, want, "batched init noise");
+        // The next draw continues each image's own stream.
+        let next = noise.randn_like(&first).expect("noise");
+        let next: Vec<f32> = next.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
+        let per: usize = shape[1..].iter().product();
+        let mut one = vec![1usize];
+        one.extend_from_slice(&shape[1..]);
+        for (b, seed) in [500u64, 501].into_iter().enumerate() {
+            let mut r = TorchRng::new(seed);
+            r.randn(&one);
+            assert_bits(&next[b * per..(b + 1) * per], &r.randn(&one), "second draw");
+        }
+        assert!(noise
+            .randn(&[3, 4], candle_core::DType::F32, &candle_core::Device::Cpu)
+            .is_err());
     }
 
     #[test]

@@ -103,6 +103,11 @@ pub struct SchedulerConfig {
 }
 
 impl SchedulerConfig {
+    /// `num_train_timesteps` with diffusers' default (1000).
+    pub fn train_timesteps(&self) -> usize {
+        self.num_train_timesteps.unwrap_or(1000)
+    }
+
     /// Parses the JSON text of a `scheduler_config.json` (Python's `Infinity`/`NaN` tokens, which
     /// diffusers writes for e.g. `lambda_min_clipped`, read as absent).
     pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
