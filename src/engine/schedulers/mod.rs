@@ -58,7 +58,9 @@ pub trait Scheduler: Send {
     }
 }
 
-/// `scheduler_config.json` as written by diffusers; `None` = absent (class default applies).
+/// `scheduler_config.json` as written by diffusers. Each field is the diffusers key of the same
+/// name (`class_name` = `_class_name`); `None` = absent, so the default of the class being built
+/// applies. Unknown keys are ignored.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct SchedulerConfig {
