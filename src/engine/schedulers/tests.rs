@@ -61,12 +61,18 @@ fn check_components(model: &str, file: &str, default_as: &str) {
             let what = format!("{model} {} {n}", name.as_str());
             let ts = &golden[&format!("{key_name}_{n}_timesteps")];
             let ins = golden[&format!("{key_name}_{n}_init_noise_sigma")][0];
-            assert_close(
+            worst_init = worst_init.max(assert_close(
                 &[s.init_noise_sigma()],
                 &[ins],
                 1e-6,
                 &format!("{what} init"),
-            );
+            ));
+            worst_ts = worst_ts.max(assert_close(
+                s.timesteps(),
+                ts,
+                1e-6,
+                &format!("{what} timesteps"),
+            ));
             if let Some(want) = golden.get(&format!("{key_name}_{n}_sigmas")) {
                 let got = s.sigmas().expect("sigma scheduler exposes sigmas");
                 worst_sigma =
