@@ -11,7 +11,10 @@ use std::path::PathBuf;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ModelSource {
     /// `hf:ORG/NAME[@REVISION]`.
-    Hf { repo: String, revision: Option<String> },
+    Hf {
+        repo: String,
+        revision: Option<String>,
+    },
     /// A diffusers-layout folder on disk (absolute after resolution).
     Path { path: PathBuf },
 }
@@ -198,7 +201,12 @@ pub struct SdxlConditioning {
 
 impl Default for SdxlConditioning {
     fn default() -> Self {
-        Self { original_size: None, crop: (0, 0), aesthetic_score: 6.0, negative_aesthetic_score: 2.5 }
+        Self {
+            original_size: None,
+            crop: (0, 0),
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
+        }
     }
 }
 
