@@ -2,6 +2,8 @@
 //! SDXL conditioning and the safety checker. Nothing here reads YAML.
 
 pub mod clip;
+pub mod hub;
+pub mod pipeline;
 pub mod rng;
 pub mod safety;
 pub mod schedulers;

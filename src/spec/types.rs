@@ -11,7 +11,10 @@ use std::path::PathBuf;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ModelSource {
     /// `hf:ORG/NAME[@REVISION]`.
-    Hf { repo: String, revision: Option<String> },
+    Hf {
+        repo: String,
+        revision: Option<String>,
+    },
     /// A diffusers-layout folder on disk (absolute after resolution).
     Path { path: PathBuf },
 }
@@ -198,7 +201,12 @@ pub struct SdxlConditioning {
 
 impl Default for SdxlConditioning {
     fn default() -> Self {
-        Self { original_size: None, crop: (0, 0), aesthetic_score: 6.0, negative_aesthetic_score: 2.5 }
+        Self {
+            original_size: None,
+            crop: (0, 0),
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
+        }
     }
 }
 
@@ -291,4 +299,35 @@ pub struct ImageRequest {
     pub params: GenParams,
     /// The grid point's (field, value) pairs, for labels.
     pub grid_point: Vec<(String, String)>,
+}
+
+/// `device` of `sd-run.toml` (and `--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA or Metal when built in and available, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl DeviceChoice {
+    /// The spelling in `sd-run.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+            Self::Metal => "metal",
+        }
+    }
+
+    /// Parses `auto`, `cpu`, `cuda` or `metal`.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Auto, Self::Cpu, Self::Cuda, Self::Metal]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+    }
 }
