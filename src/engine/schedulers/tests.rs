@@ -451,6 +451,44 @@ fn pndm_constant_eps_matches_closed_form() {
 }
 
 #[test]
+fn pndm_with_runge_kutta_warmup() {
+    // `default` of a PNDM config without skip_prk_steps runs PRK then PLMS, as diffusers does.
+    let cfg = cfg_json(
+        r#"{"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}"#,
+    );
+    let mut s = build(SchedulerName::Default, &cfg, 5).expect("pndm prk");
+    // _timesteps = [1, 201, 401, 601, 801]; PRK on the last 4 with half steps of 100, then
+    // PLMS on [201, 1] (numpy: `_timesteps[:-3][::-1]`).
+    let want = [
+        801.0, 701.0, 701.0, 601.0, 601.0, 501.0, 501.0, 401.0, 401.0, 301.0, 301.0, 201.0, 201.0,
+        1.0,
+    ];
+    assert_eq!(s.timesteps(), &want);
+    assert!(build(SchedulerName::Default, &cfg, 3).is_err());
+    // `pndm` forces PLMS on the same config.
+    let plms = build(SchedulerName::Pndm, &cfg, 5).expect("plms");
+    assert_eq!(plms.timesteps().len(), 6);
+    // With epsilon = 0 every step rescales the sample: RK4 combinations of zeros stay zero and
+    // the result is sqrt(ac[last prev] / ac[first t]) after chaining the PRK sub-steps.
+    let ac = alphas_cumprod_sd();
+    let zero = t(&[0.0]);
+    let mut x = t(&[1.0]);
+    let mut noise = ConstNoise {
+        value: 0.0,
+        draws: 0,
+    };
+    for i in 0..want.len() {
+        x = s.step(&zero, i, &x, &mut noise).expect("step");
+    }
+    // Sample after the RK block of (801 -> 601) is sqrt(ac[601]/ac[801]); the chain telescopes
+    // down to the final alpha (alphas_cumprod[0], set_alpha_to_one = false).
+    let want_final = (ac[0] as f64 / ac[801] as f64).sqrt();
+    let got = vals(&x)[0] as f64;
+    assert!((got - want_final).abs() < 1e-5, "{got} vs {want_final}");
+}
+
+#[test]
 fn add_noise_levels() {
     let cfg = sd_config("");
     let x0 = t(&[1.0]);
