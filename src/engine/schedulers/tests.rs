@@ -534,6 +534,53 @@ fn turbo_trailing_few_steps() {
 }
 
 #[test]
+fn spacings_match_numpy() {
+    // Expected values computed with numpy exactly as diffusers' set_timesteps does.
+    let with = |spacing: &str| {
+        cfg_json(&format!(
+            r#"{{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                "timestep_spacing": "{spacing}"}}"#
+        ))
+    };
+    let ts = |name, spacing: &str, n| {
+        build(name, &with(spacing), n)
+            .expect("build")
+            .timesteps()
+            .to_vec()
+    };
+    assert_eq!(
+        ts(SchedulerName::Ddim, "trailing", 7),
+        [999.0, 856.0, 713.0, 570.0, 428.0, 285.0, 142.0]
+    );
+    assert_eq!(
+        ts(SchedulerName::Ddim, "linspace", 7),
+        [999.0, 832.0, 666.0, 500.0, 333.0, 166.0, 0.0]
+    );
+    assert_eq!(
+        ts(SchedulerName::DpmPp2m, "linspace", 7),
+        [999.0, 856.0, 714.0, 571.0, 428.0, 285.0, 143.0]
+    );
+    assert_eq!(
+        ts(SchedulerName::Unipc, "trailing", 13),
+        [
+            999.0, 922.0, 845.0, 768.0, 691.0, 614.0, 537.0, 461.0, 384.0, 307.0, 230.0, 153.0,
+            76.0
+        ]
+    );
+    assert_eq!(
+        ts(SchedulerName::Euler, "linspace", 13),
+        [
+            999.0, 915.75, 832.5, 749.25, 666.0, 582.75, 499.5, 416.25, 333.0, 249.75, 166.5,
+            83.25, 0.0
+        ]
+    );
+    assert_eq!(
+        ts(SchedulerName::Pndm, "linspace", 7),
+        [999.0, 832.0, 832.0, 666.0, 500.0, 333.0, 166.0, 0.0]
+    );
+}
+
+#[test]
 fn config_parsing_and_errors() {
     let cfg = cfg_json(
         r#"{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity,
