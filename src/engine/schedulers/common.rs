@@ -344,6 +344,9 @@ impl Threshold {
         let ratio = self.ratio as f32;
         let mut out = Vec::with_capacity(rows.len() * rows.first().map_or(0, |r| r.len()));
         for row in rows {
+            if row.is_empty() {
+                continue;
+            }
             let mut abs: Vec<f32> = row.iter().map(|v| v.abs()).collect();
             abs.sort_by(|a, b| a.total_cmp(b));
             let rank = ratio * (abs.len().saturating_sub(1)) as f32;
