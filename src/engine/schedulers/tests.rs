@@ -609,6 +609,29 @@ fn config_parsing_and_errors() {
 }
 
 #[test]
+fn dynamic_thresholding_per_image() {
+    let th = super::common::Threshold {
+        ratio: 0.5,
+        max_value: 10.0,
+    };
+    let x = Tensor::from_vec(
+        vec![
+            0f32, -1., 2., 3., 4., -5., 6., 7., 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, -9.,
+        ],
+        (2, 2, 2, 2),
+        &Device::Cpu,
+    )
+    .expect("tensor");
+    let out = vals(&th.apply(&x).expect("threshold"));
+    // Image 0: quantile(|x|, 0.5) = 3.5; image 1: 0.5 clamped up to 1.
+    assert!((out[7] - 1.0).abs() < 1e-6 && (out[5] + 1.0).abs() < 1e-6);
+    assert!((out[3] - 3.0 / 3.5).abs() < 1e-6);
+    assert!((out[2] - 2.0 / 3.5).abs() < 1e-6);
+    assert_eq!(out[8], 0.5);
+    assert_eq!(out[15], -1.0);
+}
+
+#[test]
 fn numpy_helpers() {
     assert_eq!(np_linspace(0.0, 999.0, 4), vec![0.0, 333.0, 666.0, 999.0]);
     assert_eq!(np_linspace(2.0, 5.0, 1), vec![2.0]);
