@@ -28,42 +28,103 @@ impl CustomOp3 for AttentionOp {
         "sd-run-attention"
     }
 
-    fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, n, c) = ql.shape().dims3()?;
         let (kb, m, kc) = kl.shape().dims3()?;
         let (vb, vm, vc) = vl.shape().dims3()?;
         if kb != b || vb != b || vm != m || kc != c || vc != c || c % self.heads != 0 || m == 0 {
-            candle_core::bail!("attention: q {:?}, k {:?}, v {:?} with {} heads do not fit", ql.shape(), kl.shape(), vl.shape(), self.heads);
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?} with {} heads do not fit",
+                ql.shape(),
+                kl.shape(),
+                vl.shape(),
+                self.heads
+            );
         }
         let d = c / self.heads;
-        let (q, k, v) = (contiguous(qs, ql)?, contiguous(ks, kl)?, contiguous(vs, vl)?);
+        let (q, k, v) = (
+            contiguous(qs, ql)?,
+            contiguous(ks, kl)?,
+            contiguous(vs, vl)?,
+        );
         let mut out = vec![0f32; b * n * c];
         let dst = SendPtr(out.as_mut_ptr());
         let blocks = n.div_ceil(QUERY_BLOCK);
-        (0..b * self.heads * blocks).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
-            let bi = task / (self.heads * blocks);
-            let h = (task / blocks) % self.heads;
-            let q0 = (task % blocks) * QUERY_BLOCK;
-            let rows = QUERY_BLOCK.min(n - q0);
-            scores.resize(rows * m, 0.0);
-            let q_ptr = q[(bi * n + q0) * c + h * d..].as_ptr();
-            let k_ptr = k[bi * m * c + h * d..].as_ptr();
-            let v_ptr = v[bi * m * c + h * d..].as_ptr();
-            let dst = dst;
-            // SAFETY: q block (rows, d) with row stride c; k^T (d, m) with column stride c;
-            // scores (rows, m) row-major; v (m, d) with row stride c; the output block
-            // (rows, d) at row stride c is this task's alone. All in bounds by the shape checks.
-            unsafe {
-                gemm::gemm(rows, m, d, scores.as_mut_ptr(), 1, m as isize, false, q_ptr, 1, c as isize, k_ptr, c as isize, 1, 0.0, self.scale, false, false, false, gemm::Parallelism::None);
-            }
-            for row in scores.chunks_exact_mut(m) {
-                simd::softmax_row(row);
-            }
-            unsafe {
-                let o_ptr = dst.0.add((bi * n + q0) * c + h * d);
-                gemm::gemm(rows, d, m, o_ptr, 1, c as isize, false, scores.as_ptr(), 1, m as isize, v_ptr, 1, c as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
-            }
-        });
+        (0..b * self.heads * blocks).into_par_iter().for_each_init(
+            Vec::new,
+            |scores: &mut Vec<f32>, task| {
+                let bi = task / (self.heads * blocks);
+                let h = (task / blocks) % self.heads;
+                let q0 = (task % blocks) * QUERY_BLOCK;
+                let rows = QUERY_BLOCK.min(n - q0);
+                scores.resize(rows * m, 0.0);
+                let q_ptr = q[(bi * n + q0) * c + h * d..].as_ptr();
+                let k_ptr = k[bi * m * c + h * d..].as_ptr();
+                let v_ptr = v[bi * m * c + h * d..].as_ptr();
+                let dst = dst;
+                // SAFETY: q block (rows, d) with row stride c; k^T (d, m) with column stride c;
+                // scores (rows, m) row-major; v (m, d) with row stride c; the output block
+                // (rows, d) at row stride c is this task's alone. All in bounds by the shape checks.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        m,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        m as isize,
+                        false,
+                        q_ptr,
+                        1,
+                        c as isize,
+                        k_ptr,
+                        c as isize,
+                        1,
+                        0.0,
+                        self.scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for row in scores.chunks_exact_mut(m) {
+                    simd::softmax_row(row);
+                }
+                unsafe {
+                    let o_ptr = dst.0.add((bi * n + q0) * c + h * d);
+                    gemm::gemm(
+                        rows,
+                        d,
+                        m,
+                        o_ptr,
+                        1,
+                        c as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        m as isize,
+                        v_ptr,
+                        1,
+                        c as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from_dims(&[b, n, c])))
     }
 }
@@ -71,12 +132,21 @@ impl CustomOp3 for AttentionOp {
 /// `softmax(q k^T * scale) v` per head for q (B, N, heads * d), k and v (B, M, heads * d);
 /// returns (B, N, heads * d), or `None` when the inputs are not f32 on the CPU (the caller then
 /// runs its own path).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v)) || heads == 0 {
         return Ok(None);
     }
-    let op = AttentionOp { heads, scale: scale as f32 };
+    let op = AttentionOp {
+        heads,
+        scale: scale as f32,
+    };
     Ok(Some(q.apply_op3_no_bwd(k, v, &op)?))
 }
 
@@ -88,7 +158,12 @@ mod tests {
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {
         let split = |t: &Tensor| {
             let (b, n, c) = t.dims3().unwrap();
-            t.reshape((b, n, heads, c / heads)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+            t.reshape((b, n, heads, c / heads))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
         };
         let (q, k, v) = (split(q), split(k), split(v));
         let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
@@ -108,9 +183,24 @@ mod tests {
             let scale = 1.0 / (d as f64).sqrt();
             let want = reference(&q, &k, &v, heads, scale);
             // A transposed (strided) query works too.
-            let qt = q.transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap();
+            let qt = q
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
             let got = attention(&qt, &k, &v, heads, scale).unwrap().unwrap();
-            let diff = (want - got).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let diff = (want - got)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(diff < 1e-5, "{diff}");
         }
     }

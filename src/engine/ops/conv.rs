@@ -7,7 +7,9 @@
 //! and scatters the result element by element on every call; at SD 1.5 dimensions that costs
 //! more than the multiplications.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Storage, Tensor,
+};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
@@ -34,16 +36,12 @@ impl Geom {
         if h + 2 * self.pad < eff_h || w + 2 * self.pad < eff_w {
             return None;
         }
-        Some(((h + 2 * self.pad - eff_h) / self.stride + 1, (w + 2 * self.pad - eff_w) / self.stride + 1))
+        Some((
+            (h + 2 * self.pad - eff_h) / self.stride + 1,
+            (w + 2 * self.pad - eff_w) / self.stride + 1,
+        ))
     }
 }
-
-/// A raw pointer that rayon tasks writing disjoint parts of one buffer may share.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: every user writes a region no other task touches.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 pub(crate) fn parallelism() -> gemm::Parallelism {
     match candle_core::utils::get_num_threads() {
@@ -54,53 +52,95 @@ pub(crate) fn parallelism() -> gemm::Parallelism {
 
 /// Fills `col` (rows `(ci, ki, kj)`, each `rows * ow` long) for output rows `oy0..oy0 + rows`.
 #[allow(clippy::too_many_arguments)]
-fn im2col_band(x: &[f32], h: usize, w: usize, g: &Geom, ow: usize, oy0: usize, rows: usize, col: &mut [f32]) {
+fn im2col_band(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    g: &Geom,
+    ow: usize,
+    oy0: usize,
+    rows: usize,
+    col: &mut [f32],
+) {
     let n = rows * ow;
     let per_channel = g.kh * g.kw * n;
-    col[..g.c_in * per_channel].par_chunks_mut(per_channel).enumerate().for_each(|(ci, chunk)| {
-        let plane = &x[ci * h * w..(ci + 1) * h * w];
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let row = &mut chunk[(ki * g.kw + kj) * n..(ki * g.kw + kj + 1) * n];
-                for r in 0..rows {
-                    let dst = &mut row[r * ow..(r + 1) * ow];
-                    let iy = ((oy0 + r) * g.stride + ki * g.dil) as isize - g.pad as isize;
-                    if iy < 0 || iy >= h as isize {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-                    let shift = (kj * g.dil) as isize - g.pad as isize;
-                    if g.stride == 1 {
-                        // ix = ox + shift: one contiguous copy with zeros at the borders.
-                        let lo = (-shift).clamp(0, ow as isize) as usize;
-                        let hi = (w as isize - shift).clamp(lo as isize, ow as isize) as usize;
-                        dst[..lo].fill(0.0);
-                        dst[lo..hi].copy_from_slice(&src[(lo as isize + shift) as usize..(hi as isize + shift) as usize]);
-                        dst[hi..].fill(0.0);
-                    } else {
-                        for (ox, d) in dst.iter_mut().enumerate() {
-                            let ix = (ox * g.stride) as isize + shift;
-                            *d = if ix >= 0 && ix < w as isize { src[ix as usize] } else { 0.0 };
+    col[..g.c_in * per_channel]
+        .par_chunks_mut(per_channel)
+        .enumerate()
+        .for_each(|(ci, chunk)| {
+            let plane = &x[ci * h * w..(ci + 1) * h * w];
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let row = &mut chunk[(ki * g.kw + kj) * n..(ki * g.kw + kj + 1) * n];
+                    for r in 0..rows {
+                        let dst = &mut row[r * ow..(r + 1) * ow];
+                        let iy = ((oy0 + r) * g.stride + ki * g.dil) as isize - g.pad as isize;
+                        if iy < 0 || iy >= h as isize {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                        let shift = (kj * g.dil) as isize - g.pad as isize;
+                        if g.stride == 1 {
+                            // ix = ox + shift: one contiguous copy with zeros at the borders.
+                            let lo = (-shift).clamp(0, ow as isize) as usize;
+                            let hi = (w as isize - shift).clamp(lo as isize, ow as isize) as usize;
+                            dst[..lo].fill(0.0);
+                            dst[lo..hi].copy_from_slice(
+                                &src[(lo as isize + shift) as usize
+                                    ..(hi as isize + shift) as usize],
+                            );
+                            dst[hi..].fill(0.0);
+                        } else {
+                            for (ox, d) in dst.iter_mut().enumerate() {
+                                let ix = (ox * g.stride) as isize + shift;
+                                *d = if ix >= 0 && ix < w as isize {
+                                    src[ix as usize]
+                                } else {
+                                    0.0
+                                };
+                            }
                         }
                     }
                 }
             }
-        }
-    });
+        });
 }
 
 /// Runs the convolution of `x` (contiguous NCHW, batch `b`) into `dst` (B, c_out, oh, ow),
 /// accumulating onto what `dst` holds when `accumulate`.
 #[allow(clippy::too_many_arguments)]
-fn conv_into(x: &[f32], b: usize, h: usize, w: usize, g: &Geom, weight: &[f32], dst: &mut [f32], accumulate: bool) {
-    let Some((oh, ow)) = g.out_size(h, w) else { return };
+fn conv_into(
+    x: &[f32],
+    b: usize,
+    h: usize,
+    w: usize,
+    g: &Geom,
+    weight: &[f32],
+    dst: &mut [f32],
+    accumulate: bool,
+) {
+    let Some((oh, ow)) = g.out_size(h, w) else {
+        return;
+    };
     let k = g.c_in * g.kh * g.kw;
     let par = parallelism();
-    let (alpha, read_dst) = if accumulate { (1.0f32, true) } else { (0.0f32, false) };
+    let (alpha, read_dst) = if accumulate {
+        (1.0f32, true)
+    } else {
+        (0.0f32, false)
+    };
     let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0;
-    let band_rows = if pointwise { oh } else { (BAND_ELEMS / (k * ow).max(1)).clamp(1, oh) };
-    let mut col = if pointwise { Vec::new() } else { vec![0f32; k * band_rows * ow] };
+    let band_rows = if pointwise {
+        oh
+    } else {
+        (BAND_ELEMS / (k * ow).max(1)).clamp(1, oh)
+    };
+    let mut col = if pointwise {
+        Vec::new()
+    } else {
+        vec![0f32; k * band_rows * ow]
+    };
     for bi in 0..b {
         let xb = &x[bi * g.c_in * h * w..(bi + 1) * g.c_in * h * w];
         let db = &mut dst[bi * g.c_out * oh * ow..(bi + 1) * g.c_out * oh * ow];
@@ -152,10 +192,18 @@ struct ConvOp<'a> {
 }
 
 impl ConvOp<'_> {
-    fn run(&self, x: &CpuStorage, xl: &Layout, residual: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
+    fn run(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = xl.shape().dims4()?;
         if c != self.g.c_in {
-            candle_core::bail!("conv2d: input has {c} channels, the kernel expects {}", self.g.c_in);
+            candle_core::bail!(
+                "conv2d: input has {c} channels, the kernel expects {}",
+                self.g.c_in
+            );
         }
         let Some((oh, ow)) = self.g.out_size(h, w) else {
             candle_core::bail!("conv2d: input {h}x{w} is smaller than the kernel");
@@ -165,7 +213,11 @@ impl ConvOp<'_> {
         let mut dst: Vec<f32> = match residual {
             Some((r, rl)) => {
                 if rl.shape().dims() != [b, self.g.c_out, oh, ow] {
-                    candle_core::bail!("conv2d: residual shape {:?} is not the output's {:?}", rl.shape(), (b, self.g.c_out, oh, ow));
+                    candle_core::bail!(
+                        "conv2d: residual shape {:?} is not the output's {:?}",
+                        rl.shape(),
+                        (b, self.g.c_out, oh, ow)
+                    );
                 }
                 contiguous(r, rl)?.into_owned()
             }
@@ -184,7 +236,10 @@ impl ConvOp<'_> {
         }
         let accumulate = residual.is_some() || self.bias.is_some();
         conv_into(&x, b, h, w, &self.g, self.weight, &mut dst, accumulate);
-        Ok((CpuStorage::F32(dst), Shape::from_dims(&[b, self.g.c_out, oh, ow])))
+        Ok((
+            CpuStorage::F32(dst),
+            Shape::from_dims(&[b, self.g.c_out, oh, ow]),
+        ))
     }
 }
 
@@ -204,7 +259,8 @@ pub(crate) fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borro
             let last = dims.len() - 1;
             let mut idx = vec![0usize; dims.len()];
             loop {
-                let base = l.start_offset() + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
+                let base =
+                    l.start_offset() + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
                 out.extend((0..dims[last]).map(|j| data[base + j * strides[last]]));
                 let mut axis = last;
                 loop {
@@ -236,7 +292,13 @@ impl CustomOp2 for ConvOp<'_> {
     fn name(&self) -> &'static str {
         "sd-run-conv2d-add"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.run(s1, l1, Some((s2, l2)))
     }
 }
@@ -249,8 +311,16 @@ pub struct Conv2d {
 }
 
 /// Builds a [`Conv2d`] from `vb` (`weight` (out, in, k, k), `bias` (out,)), as `candle_nn::conv2d`.
-pub fn conv2d(in_channels: usize, out_channels: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
-    Ok(Conv2d { inner: candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)? })
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    Ok(Conv2d {
+        inner: candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?,
+    })
 }
 
 /// A borrowed CPU f32 slice of a tensor (whole storage from the layout's start), if it is one.
@@ -274,17 +344,32 @@ impl Conv2d {
         if cfg.groups != 1 || cfg.cudnn_fwd_algo.is_some() {
             return None;
         }
-        Some(Geom { c_in, c_out, kh, kw, stride: cfg.stride, pad: cfg.padding, dil: cfg.dilation })
+        Some(Geom {
+            c_in,
+            c_out,
+            kh,
+            kw,
+            stride: cfg.stride,
+            pad: cfg.padding,
+            dil: cfg.dilation,
+        })
     }
 
     /// Runs the fast kernel when it applies: `Ok(None)` means "use candle's".
     fn fast(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
-        let Some(g) = self.geom() else { return Ok(None) };
-        if !x.device().is_cpu() || x.dtype() != DType::F32 || residual.is_some_and(|r| r.dtype() != DType::F32) {
+        let Some(g) = self.geom() else {
+            return Ok(None);
+        };
+        if !x.device().is_cpu()
+            || x.dtype() != DType::F32
+            || residual.is_some_and(|r| r.dtype() != DType::F32)
+        {
             return Ok(None);
         }
         with_cpu_f32(self.inner.weight(), |weight| {
-            let Some(weight) = weight else { return Ok(None) };
+            let Some(weight) = weight else {
+                return Ok(None);
+            };
             let run = |bias: Option<&[f32]>| -> Result<Option<Tensor>> {
                 let op = ConvOp { g, weight, bias };
                 Ok(Some(match residual {
@@ -327,7 +412,16 @@ mod tests {
     use candle_nn::VarMap;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     fn layer(c_in: usize, c_out: usize, k: usize, cfg: Conv2dConfig) -> Conv2d {
@@ -336,7 +430,9 @@ mod tests {
         let c = conv2d(c_in, c_out, k, cfg, vb).unwrap();
         // Random bias too (the default init is zero-free only for the weight).
         let bias = Tensor::randn(0f32, 1.0, c_out, &Device::Cpu).unwrap();
-        Conv2d { inner: candle_nn::Conv2d::new(c.inner.weight().clone(), Some(bias), cfg) }
+        Conv2d {
+            inner: candle_nn::Conv2d::new(c.inner.weight().clone(), Some(bias), cfg),
+        }
     }
 
     #[test]
@@ -351,18 +447,33 @@ mod tests {
             (2, 3, 5, 1, 0, 1, 5, 5),
         ];
         for (c_in, c_out, k, stride, padding, dilation, h, w) in cases {
-            let cfg = Conv2dConfig { padding, stride, dilation, ..Default::default() };
+            let cfg = Conv2dConfig {
+                padding,
+                stride,
+                dilation,
+                ..Default::default()
+            };
             let l = layer(c_in, c_out, k, cfg);
             let x = Tensor::randn(0f32, 1.0, (2, c_in, h, w), &Device::Cpu).unwrap();
             let want = l.inner.forward(&x).unwrap();
             let got = l.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
-            assert!(max_diff(&got, &want) < 1e-5, "{:?}", (c_in, c_out, k, stride, padding, dilation));
+            assert!(
+                max_diff(&got, &want) < 1e-5,
+                "{:?}",
+                (c_in, c_out, k, stride, padding, dilation)
+            );
             let r = Tensor::randn(0f32, 1.0, want.dims(), &Device::Cpu).unwrap();
             let fused = l.forward_add(&x, &r).unwrap();
             assert!(max_diff(&fused, &(want + &r).unwrap()) < 1e-5);
             // A strided (transposed) input gives the same result.
-            let xt = x.transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap();
+            let xt = x
+                .transpose(2, 3)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .transpose(2, 3)
+                .unwrap();
             assert!(max_diff(&l.forward(&xt).unwrap(), &l.forward(&x).unwrap()) == 0.0);
         }
     }
@@ -370,7 +481,10 @@ mod tests {
     #[test]
     fn bands_split_large_outputs() {
         // k * ow large enough that BAND_ELEMS covers only a few rows.
-        let cfg = Conv2dConfig { padding: 1, ..Default::default() };
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
         let l = layer(64, 8, 3, cfg);
         let x = Tensor::randn(0f32, 1.0, (1, 64, 300, 256), &Device::Cpu).unwrap();
         assert!(BAND_ELEMS / (64 * 9 * 256) < 300);

@@ -30,7 +30,11 @@ impl CustomOp1 for GroupNormOp<'_> {
         }
         let (b, c) = (dims[0], dims[1]);
         if c != self.gamma.len() || c % self.groups != 0 {
-            candle_core::bail!("group_norm: {c} channels for {} channels in {} groups", self.gamma.len(), self.groups);
+            candle_core::bail!(
+                "group_norm: {c} channels for {} channels in {} groups",
+                self.gamma.len(),
+                self.groups
+            );
         }
         let spatial: usize = dims[2..].iter().product();
         let x = contiguous(s, l)?;
@@ -40,20 +44,29 @@ impl CustomOp1 for GroupNormOp<'_> {
         if group_len == 0 {
             return Ok((CpuStorage::F32(dst), l.shape().clone()));
         }
-        dst.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(|(i, (d, src))| {
-            let g = i % self.groups;
-            let n = group_len as f64;
-            let mean = simd::sum(src) / n;
-            let var = simd::sq_dev(src, mean) / n;
-            let inv = 1.0 / (var + self.eps).sqrt();
-            for j in 0..cpg {
-                let ch = g * cpg + j;
-                let scale = inv * self.gamma[ch] as f64;
-                let shift = self.beta[ch] as f64 - mean * scale;
-                let r = j * spatial..(j + 1) * spatial;
-                simd::norm_channel(&src[r.clone()], &mut d[r], scale as f32, shift as f32, self.silu);
-            }
-        });
+        dst.par_chunks_mut(group_len)
+            .zip(x.par_chunks(group_len))
+            .enumerate()
+            .for_each(|(i, (d, src))| {
+                let g = i % self.groups;
+                let n = group_len as f64;
+                let mean = simd::sum(src) / n;
+                let var = simd::sq_dev(src, mean) / n;
+                let inv = 1.0 / (var + self.eps).sqrt();
+                for j in 0..cpg {
+                    let ch = g * cpg + j;
+                    let scale = inv * self.gamma[ch] as f64;
+                    let shift = self.beta[ch] as f64 - mean * scale;
+                    let r = j * spatial..(j + 1) * spatial;
+                    simd::norm_channel(
+                        &src[r.clone()],
+                        &mut d[r],
+                        scale as f32,
+                        shift as f32,
+                        self.silu,
+                    );
+                }
+            });
         Ok((CpuStorage::F32(dst), l.shape().clone()))
     }
 }
@@ -77,18 +90,40 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 
 impl GroupNorm {
     /// From its affine parameters (`channels` each).
-    pub fn new(weight: Tensor, bias: Tensor, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+    pub fn new(
+        weight: Tensor,
+        bias: Tensor,
+        channels: usize,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
         let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
-        Ok(Self { inner, weight, bias, groups, eps })
+        Ok(Self {
+            inner,
+            weight,
+            bias,
+            groups,
+            eps,
+        })
     }
 
     fn fast(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
-        if !x.device().is_cpu() || x.dtype() != DType::F32 || self.weight.dtype() != DType::F32 || self.bias.dtype() != DType::F32 {
+        if !x.device().is_cpu()
+            || x.dtype() != DType::F32
+            || self.weight.dtype() != DType::F32
+            || self.bias.dtype() != DType::F32
+        {
             return Ok(None);
         }
         let gamma = self.weight.to_vec1::<f32>()?;
         let beta = self.bias.to_vec1::<f32>()?;
-        let op = GroupNormOp { groups: self.groups, eps: self.eps, gamma: &gamma, beta: &beta, silu };
+        let op = GroupNormOp {
+            groups: self.groups,
+            eps: self.eps,
+            gamma: &gamma,
+            beta: &beta,
+            silu,
+        };
         Ok(Some(x.apply_op1_no_bwd(&op)?))
     }
 
@@ -125,11 +160,38 @@ mod tests {
             let x = (Tensor::randn(0f32, 3.0, (b, c, h, w), &dev).unwrap() + 5.0).unwrap();
             let want = gn.inner.forward(&x).unwrap();
             let got = gn.forward(&x).unwrap();
-            let d = (&want - &got).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d = (&want - &got)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(d < 1e-5, "{d}");
             let want = candle_nn::ops::silu(&want).unwrap();
-            let got = gn.forward_silu(&x.transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap()).unwrap();
-            let d = (&want - &got).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let got = gn
+                .forward_silu(
+                    &x.transpose(2, 3)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                        .transpose(2, 3)
+                        .unwrap(),
+                )
+                .unwrap();
+            let d = (&want - &got)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(d < 1e-5, "{d}");
         }
     }
@@ -137,7 +199,16 @@ mod tests {
     #[test]
     fn wrong_channels_is_an_error() {
         let dev = Device::Cpu;
-        let gn = GroupNorm::new(Tensor::ones(4, DType::F32, &dev).unwrap(), Tensor::zeros(4, DType::F32, &dev).unwrap(), 4, 2, 1e-5).unwrap();
-        assert!(gn.forward(&Tensor::zeros((1, 6, 2, 2), DType::F32, &dev).unwrap()).is_err());
+        let gn = GroupNorm::new(
+            Tensor::ones(4, DType::F32, &dev).unwrap(),
+            Tensor::zeros(4, DType::F32, &dev).unwrap(),
+            4,
+            2,
+            1e-5,
+        )
+        .unwrap();
+        assert!(gn
+            .forward(&Tensor::zeros((1, 6, 2, 2), DType::F32, &dev).unwrap())
+            .is_err());
     }
 }

@@ -110,7 +110,12 @@ fn sq_dev_body(xs: &[f32], mean: f64) -> f64 {
             acc[i] += d * d;
         }
     }
-    acc.iter().sum::<f64>() + chunks.remainder().iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>()
+    acc.iter().sum::<f64>()
+        + chunks
+            .remainder()
+            .iter()
+            .map(|&v| (v as f64 - mean) * (v as f64 - mean))
+            .sum::<f64>()
 }
 
 macro_rules! dispatch {
@@ -189,7 +194,11 @@ mod tests {
             worst = worst.max(ulps(exp1(x), exact));
             let mut v = [x; 19];
             exp_inplace(&mut v);
-            assert_eq!(v[18].to_bits(), exp1(x).to_bits(), "vectorised and scalar paths agree at {x}");
+            assert_eq!(
+                v[18].to_bits(),
+                exp1(x).to_bits(),
+                "vectorised and scalar paths agree at {x}"
+            );
             x += 0.0137;
         }
         assert!(worst <= 2, "worst {worst} ulp");
@@ -200,7 +209,9 @@ mod tests {
 
     #[test]
     fn softmax_and_silu_match_the_definitions() {
-        let row: Vec<f32> = (0..37).map(|i| ((i * 7919) % 23) as f32 * 0.37 - 4.0).collect();
+        let row: Vec<f32> = (0..37)
+            .map(|i| ((i * 7919) % 23) as f32 * 0.37 - 4.0)
+            .collect();
         let mut got = row.clone();
         softmax_row(&mut got);
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -221,7 +232,11 @@ mod tests {
     fn sums_are_accurate_on_long_inputs() {
         let xs: Vec<f32> = (0..100_003).map(|i| 1.0 + (i % 10) as f32 * 1e-3).collect();
         let exact: f64 = xs.iter().map(|&v| v as f64).sum();
-        assert!((sum(&xs) - exact).abs() / exact < 1e-12, "{} vs {exact}", sum(&xs));
+        assert!(
+            (sum(&xs) - exact).abs() / exact < 1e-12,
+            "{} vs {exact}",
+            sum(&xs)
+        );
         let mean = exact / xs.len() as f64;
         let exact_sq: f64 = xs.iter().map(|&v| (v as f64 - mean).powi(2)).sum();
         assert!((sq_dev(&xs, mean) - exact_sq).abs() / exact_sq < 1e-9);
