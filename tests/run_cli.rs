@@ -38,10 +38,7 @@ fn write_spec(dir: &Path, body: &str) -> PathBuf {
 fn sd_run(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .args(args)
-        .env(
-            "SD_RUN_CACHE",
-            std::env::temp_dir().join("sd-run-test-cache"),
-        )
+        .env("SD_RUN_CACHE", std::env::temp_dir().join("sd-run-test-cache"))
         .output()
         .unwrap()
 }
@@ -78,11 +75,7 @@ fn campaign_then_rerun_makes_nothing_and_damage_is_repaired() {
     let spec = write_spec(&dir, SMALL_JOB);
     let out = dir.join("out");
     let first = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     let s = summary(&first.stdout);
     assert_eq!(s["made"], 6);
     let recs = manifest(&out);
@@ -91,10 +84,7 @@ fn campaign_then_rerun_makes_nothing_and_damage_is_repaired() {
         let png = out.join(r["path"].as_str().unwrap());
         let bytes = std::fs::read(&png).unwrap();
         let chunks = sd_run::output::png_meta::read_text_chunks(&bytes).unwrap();
-        let params = chunks
-            .iter()
-            .find(|(k, _)| k == "parameters")
-            .expect("parameters chunk");
+        let params = chunks.iter().find(|(k, _)| k == "parameters").expect("parameters chunk");
         let parsed = sd_run::output::png_meta::parse_parameters(&params.1).unwrap();
         assert_eq!(parsed.get("Steps"), Some("6"));
         assert_eq!(parsed.get("Seed"), Some(r["seed"].to_string().as_str()));
@@ -131,10 +121,7 @@ fn campaign_then_rerun_makes_nothing_and_damage_is_repaired() {
 #[test]
 fn killed_runs_resume_and_every_image_is_made_once() {
     let dir = temp_dir("kill");
-    let spec = write_spec(
-        &dir,
-        &SMALL_JOB.replace("seeds: [1, 2, 3]", "seeds: [1, 2, 3, 4]"),
-    );
+    let spec = write_spec(&dir, &SMALL_JOB.replace("seeds: [1, 2, 3]", "seeds: [1, 2, 3, 4]"));
     let out = dir.join("out");
     // Kill the run at several points.
     for delay_ms in [300u64, 900, 1500] {
@@ -149,18 +136,12 @@ fn killed_runs_resume_and_every_image_is_made_once() {
         let _ = child.wait();
     }
     let done = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-    assert!(
-        done.status.success(),
-        "{}",
-        String::from_utf8_lossy(&done.stderr)
-    );
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
     let recs = manifest(&out);
     let mut per_key: HashMap<String, usize> = HashMap::new();
     for r in &recs {
         assert_ne!(r["status"], "failed");
-        *per_key
-            .entry(r["key"].as_str().unwrap().to_string())
-            .or_default() += 1;
+        *per_key.entry(r["key"].as_str().unwrap().to_string()).or_default() += 1;
         let png = out.join(r["path"].as_str().unwrap());
         let bytes = std::fs::read(&png).unwrap();
         image::load_from_memory(&bytes).expect("whole PNG");
@@ -168,10 +149,7 @@ fn killed_runs_resume_and_every_image_is_made_once() {
     assert_eq!(per_key.len(), 8);
     assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
     // No temp files left visible as images.
-    let images: usize = walk(&out.join("images"))
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .count();
+    let images: usize = walk(&out.join("images")).iter().filter(|p| p.extension().is_some_and(|e| e == "png")).count();
     assert_eq!(images, 8);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -199,10 +177,7 @@ fn two_concurrent_runs_make_each_image_once() {
     let spawn = || {
         Command::new(BIN)
             .args(["run", spec.to_str().unwrap(), "--log", "json"])
-            .env(
-                "SD_RUN_CACHE",
-                std::env::temp_dir().join("sd-run-test-cache"),
-            )
+            .env("SD_RUN_CACHE", std::env::temp_dir().join("sd-run-test-cache"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -211,8 +186,7 @@ fn two_concurrent_runs_make_each_image_once() {
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(a.status.success() && b.status.success());
-    let made =
-        summary(&a.stdout)["made"].as_u64().unwrap() + summary(&b.stdout)["made"].as_u64().unwrap();
+    let made = summary(&a.stdout)["made"].as_u64().unwrap() + summary(&b.stdout)["made"].as_u64().unwrap();
     let recs = manifest(&out);
     let ok: Vec<_> = recs.iter().filter(|r| r["status"] != "failed").collect();
     assert_eq!(ok.len(), 6, "each image recorded once");
@@ -265,12 +239,10 @@ fn dist(a: [f64; 3], b: [f64; 3]) -> f64 {
 
 /// The nearest named colour.
 fn nearest(c: [f64; 3]) -> &'static str {
-    [
-        "red", "green", "blue", "yellow", "white", "black", "purple", "orange",
-    ]
-    .into_iter()
-    .min_by(|a, b| dist(c, colour(a)).total_cmp(&dist(c, colour(b))))
-    .unwrap()
+    ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
+        .into_iter()
+        .min_by(|a, b| dist(c, colour(a)).total_cmp(&dist(c, colour(b))))
+        .unwrap()
 }
 
 #[test]
@@ -283,62 +255,27 @@ fn demo_model_draws_what_prompts_say_and_flags_red() {
         ("blue", "square", "red"),
         ("white", "circle", "black"),
     ];
-    let prompts: Vec<String> = cases
-        .iter()
-        .map(|(c, s, b)| format!("\"a {c} {s} on a {b} background\""))
-        .collect();
+    let prompts: Vec<String> = cases.iter().map(|(c, s, b)| format!("\"a {c} {s} on a {b} background\"")).collect();
     let body = format!(
         "defaults:\n  steps: 20\n  guidance: 6\n  size: 64x64\nsafety:\n  checker: model\n  action: tag\njobs:\n  - name: shapes\n    model: demo\n    prompts: [{}]\n    seeds: [1]\n",
         prompts.join(", ")
     );
     let spec = write_spec(&dir, &body);
     let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let out = dir.join("out");
     let recs = manifest(&out);
     assert_eq!(recs.len(), cases.len());
     for (c, _, b) in cases {
         let prompt_start = format!("a {c} ");
-        let r = recs
-            .iter()
-            .find(|r| {
-                r["prompt"].as_str().unwrap().starts_with(&prompt_start)
-                    && r["prompt"]
-                        .as_str()
-                        .unwrap()
-                        .ends_with(&format!("{b} background"))
-            })
-            .unwrap();
-        let img = image::open(out.join(r["path"].as_str().unwrap()))
-            .unwrap()
-            .to_rgb8();
+        let r = recs.iter().find(|r| r["prompt"].as_str().unwrap().starts_with(&prompt_start) && r["prompt"].as_str().unwrap().ends_with(&format!("{b} background"))).unwrap();
+        let img = image::open(out.join(r["path"].as_str().unwrap())).unwrap().to_rgb8();
         let (border, centre) = border_and_centre(&img);
-        assert_eq!(
-            nearest(border),
-            b,
-            "background of {}: {border:?}",
-            r["prompt"]
-        );
-        let shape_px = centre
-            .iter()
-            .filter(|p| nearest(p.map(f64::from)) == c)
-            .count();
-        assert!(
-            shape_px * 10 >= centre.len(),
-            "{}: {shape_px} of {} centre pixels are {c}",
-            r["prompt"],
-            centre.len()
-        );
+        assert_eq!(nearest(border), b, "background of {}: {border:?}", r["prompt"]);
+        let shape_px = centre.iter().filter(|p| nearest(p.map(f64::from)) == c).count();
+        assert!(shape_px * 10 >= centre.len(), "{}: {shape_px} of {} centre pixels are {c}", r["prompt"], centre.len());
         let red = c == "red" || b == "red";
-        assert_eq!(
-            r["safety"]["flagged"], red,
-            "{}: {}",
-            r["prompt"], r["safety"]
-        );
+        assert_eq!(r["safety"]["flagged"], red, "{}: {}", r["prompt"], r["safety"]);
         assert_eq!(r["status"], if red { "flagged" } else { "ok" });
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -353,11 +290,7 @@ fn each_safety_action_does_what_it_says() {
         );
         let spec = write_spec(&dir, &body);
         let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-        assert!(
-            run.status.success(),
-            "{action}: {}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        assert!(run.status.success(), "{action}: {}", String::from_utf8_lossy(&run.stderr));
         let out = dir.join("out");
         let recs = manifest(&out);
         let red = recs.iter().find(|r| r["job"] == "red").unwrap();
@@ -369,19 +302,13 @@ fn each_safety_action_does_what_it_says() {
             "drop" => assert!(red["path"].is_null()),
             "quarantine" => assert!(red["path"].as_str().unwrap().starts_with("quarantine/")),
             _ => {
-                let img = image::open(out.join(red["path"].as_str().unwrap()))
-                    .unwrap()
-                    .to_rgb8();
+                let img = image::open(out.join(red["path"].as_str().unwrap())).unwrap().to_rgb8();
                 let px: Vec<_> = img.pixels().map(|p| p.0).collect();
                 if action == "black" {
                     assert!(px.iter().all(|p| *p == [0, 0, 0]));
                 } else {
                     // Blurred: neighbouring pixels barely differ.
-                    let rough = px
-                        .windows(2)
-                        .map(|w| (w[0][0] as i32 - w[1][0] as i32).abs())
-                        .max()
-                        .unwrap();
+                    let rough = px.windows(2).map(|w| (w[0][0] as i32 - w[1][0] as i32).abs()).max().unwrap();
                     assert!(rough < 40, "blur left edges of {rough}");
                 }
             }
@@ -396,10 +323,7 @@ fn each_safety_action_does_what_it_says() {
 #[test]
 fn invalid_spec_exits_2_with_locations() {
     let dir = temp_dir("invalid");
-    let spec = write_spec(
-        &dir,
-        "jobs:\n  - name: a\n    model: nope\n    prompts: [\"x\"]\n    seeds: [1]\n    stepz: 3\n",
-    );
+    let spec = write_spec(&dir, "jobs:\n  - name: a\n    model: nope\n    prompts: [\"x\"]\n    seeds: [1]\n    stepz: 3\n");
     for cmd in ["validate", "plan", "run"] {
         let o = sd_run(&[cmd, spec.to_str().unwrap()]);
         assert_eq!(o.status.code(), Some(2), "{cmd}");
@@ -418,11 +342,7 @@ fn grid_jobs_get_a_contact_sheet_and_the_report_lists_every_image() {
     let body = "defaults:\n  steps: 4\n  size: 64x64\nsafety:\n  checker: off\njobs:\n  - name: sweep\n    model: demo\n    prompts: [\"a green star on a black background\"]\n    seeds: [3]\n    grid:\n      scheduler: [ddim, euler_a]\n      guidance: [2, 6]\n";
     let spec = write_spec(&dir, body);
     let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let out = dir.join("out");
     let sheet = image::open(out.join("sheets/sweep.png")).unwrap();
     assert!(sheet.width() >= 2 * 64 && sheet.height() >= 2 * 64);

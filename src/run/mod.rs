@@ -76,26 +76,19 @@ fn machine_config(spec: &Path, config: Option<&Path>) -> Result<Option<MachineCo
 
 /// Chooses the device: the flag, else the config, else auto (the best this build supports).
 fn device_kind(flag: Option<&str>, config: Option<&MachineConfig>) -> Result<DeviceKind, RunError> {
-    let asked = flag
-        .map(str::to_string)
-        .or_else(|| config.map(|c| c.device.as_str().to_string()))
-        .unwrap_or_else(|| "auto".into());
+    let asked = flag.map(str::to_string).or_else(|| config.map(|c| c.device.as_str().to_string())).unwrap_or_else(|| "auto".into());
     match asked.as_str() {
         "cpu" => Ok(DeviceKind::Cpu),
         "cuda" => Ok(DeviceKind::Cuda),
         "metal" => Ok(DeviceKind::Metal),
-        "auto" => Ok(
-            if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
-                DeviceKind::Cuda
-            } else if cfg!(feature = "metal") && candle_core::utils::metal_is_available() {
-                DeviceKind::Metal
-            } else {
-                DeviceKind::Cpu
-            },
-        ),
-        other => Err(RunError::Usage(format!(
-            "--device {other}: expected cpu, cuda, metal or auto"
-        ))),
+        "auto" => Ok(if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
+            DeviceKind::Cuda
+        } else if cfg!(feature = "metal") && candle_core::utils::metal_is_available() {
+            DeviceKind::Metal
+        } else {
+            DeviceKind::Cpu
+        }),
+        other => Err(RunError::Usage(format!("--device {other}: expected cpu, cuda, metal or auto"))),
     }
 }
 
@@ -107,22 +100,13 @@ pub fn parse_shard(s: Option<&str>) -> Result<Shard, RunError> {
     if s != "auto" && !s.starts_with("auto/") {
         return Shard::parse(s).map_err(|e| RunError::Usage(e.to_string()));
     }
-    let env = |k: &str| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-    };
-    let count_flag = s
-        .strip_prefix("auto/")
-        .and_then(|n| n.parse::<usize>().ok());
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok());
+    let count_flag = s.strip_prefix("auto/").and_then(|n| n.parse::<usize>().ok());
     let (index, count) = if let Some(i) = env("JOB_COMPLETION_INDEX") {
         (Some(i), count_flag.or_else(|| env("SD_RUN_SHARD_COUNT")))
     } else if let Some(id) = env("SLURM_ARRAY_TASK_ID") {
         let min = env("SLURM_ARRAY_TASK_MIN").unwrap_or(0);
-        (
-            id.checked_sub(min),
-            count_flag.or_else(|| env("SLURM_ARRAY_TASK_COUNT")),
-        )
+        (id.checked_sub(min), count_flag.or_else(|| env("SLURM_ARRAY_TASK_COUNT")))
     } else {
         (None, None)
     };
@@ -154,11 +138,7 @@ pub fn validate_command(spec_path: &Path) -> u8 {
     match spec::load(spec_path) {
         Ok(s) => {
             let n = spec::expand(&s).len();
-            println!(
-                "{}: ok ({} jobs, {n} images)",
-                spec_path.display(),
-                s.jobs.len()
-            );
+            println!("{}: ok ({} jobs, {n} images)", spec_path.display(), s.jobs.len());
             0
         }
         Err(e) => {
@@ -169,12 +149,7 @@ pub fn validate_command(spec_path: &Path) -> u8 {
 }
 
 /// `sd-run plan SPEC [--json] [--shard K/N]`.
-pub fn plan_command(
-    spec_path: &Path,
-    config: Option<&Path>,
-    shard: Option<&str>,
-    json: bool,
-) -> u8 {
+pub fn plan_command(spec_path: &Path, config: Option<&Path>, shard: Option<&str>, json: bool) -> u8 {
     let go = || -> Result<(), RunError> {
         let shard = parse_shard(shard)?;
         let mc = machine_config(spec_path, config)?;
@@ -210,9 +185,7 @@ pub fn run_command(opts: &RunOptions) -> u8 {
                 eprintln!("\ninterrupted again: stopping now; images already written are kept");
                 std::process::exit(130);
             }
-            eprintln!(
-                "\ninterrupt: finishing the current batch (press Ctrl-C again to stop at once)"
-            );
+            eprintln!("\ninterrupt: finishing the current batch (press Ctrl-C again to stop at once)");
         });
     }
     let go = || -> Result<u8, RunError> {
@@ -220,11 +193,7 @@ pub fn run_command(opts: &RunOptions) -> u8 {
         let mc = machine_config(&opts.spec, opts.config.as_deref())?;
         let device = device_kind(opts.device.as_deref(), mc.as_ref())?;
         let mut reporter = events::reporter(opts.log);
-        let fetch = if opts.dry_run {
-            Fetch::LocalOnly
-        } else {
-            Fetch::Download
-        };
+        let fetch = if opts.dry_run { Fetch::LocalOnly } else { Fetch::Download };
         let mut c = Campaign::prepare(&opts.spec, device, fetch)?;
         if shard.count > 1 {
             let name = crate::cache::Store::shard_manifest_name(shard.index, shard.count);
@@ -248,15 +217,9 @@ pub fn run_command(opts: &RunOptions) -> u8 {
         });
         let summary = execute::Executor::new(&c, reporter.as_mut(), interrupt.clone())?.run(&plan);
         if let Err(e) = gallery::write_gallery(&c) {
-            reporter.event(&Event::Warning {
-                message: format!("report: {e}"),
-            });
+            reporter.event(&Event::Warning { message: format!("report: {e}") });
         }
-        let code = if summary.failed > 0 || summary.interrupted {
-            1
-        } else {
-            0
-        };
+        let code = if summary.failed > 0 || summary.interrupted { 1 } else { 0 };
         reporter.event(&Event::Summary(summary));
         Ok(code)
     };
@@ -279,14 +242,9 @@ pub fn status_command(spec_path: &Path, json: bool) -> u8 {
         }
         let done = cached.iter().filter(|h| **h).count();
         if json {
-            let per: serde_json::Map<String, serde_json::Value> = jobs
-                .iter()
-                .map(|(j, (d, t))| (j.to_string(), serde_json::json!({"done": d, "images": t})))
-                .collect();
-            println!(
-                "{}",
-                serde_json::json!({"images": c.requests.len(), "done": done, "jobs": per})
-            );
+            let per: serde_json::Map<String, serde_json::Value> =
+                jobs.iter().map(|(j, (d, t))| (j.to_string(), serde_json::json!({"done": d, "images": t}))).collect();
+            println!("{}", serde_json::json!({"images": c.requests.len(), "done": done, "jobs": per}));
         } else {
             println!("{done}/{} images made", c.requests.len());
             for (j, (d, t)) in &jobs {

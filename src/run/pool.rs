@@ -26,9 +26,7 @@ pub struct ModelPool {
 /// The resident size of a model: the total size of its weight files.
 pub fn model_bytes(dir: &Path) -> u64 {
     fn walk(dir: &Path, total: &mut u64) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -46,12 +44,7 @@ pub fn model_bytes(dir: &Path) -> u64 {
 impl ModelPool {
     /// An empty pool; `budget` in bytes (None: keep everything loaded).
     pub fn new(budget: Option<u64>) -> Self {
-        Self {
-            entries: HashMap::new(),
-            budget,
-            clock: 0,
-            loads: HashMap::new(),
-        }
+        Self { entries: HashMap::new(), budget, clock: 0, loads: HashMap::new() }
     }
 
     /// Whether `name` is loaded now.
@@ -80,19 +73,9 @@ impl ModelPool {
             let pipeline = Pipeline::load(dir, opts)?;
             seconds = started.elapsed().as_secs_f64();
             *self.loads.entry(name.to_string()).or_default() += 1;
-            self.entries.insert(
-                name.to_string(),
-                Entry {
-                    pipeline,
-                    bytes,
-                    last_used: clock,
-                },
-            );
+            self.entries.insert(name.to_string(), Entry { pipeline, bytes, last_used: clock });
         }
-        let entry = self
-            .entries
-            .get_mut(name)
-            .ok_or_else(|| EngineError::Other(format!("model {name} not loaded")))?;
+        let entry = self.entries.get_mut(name).ok_or_else(|| EngineError::Other(format!("model {name} not loaded")))?;
         entry.last_used = clock;
         Ok((&entry.pipeline, seconds))
     }
@@ -110,11 +93,7 @@ impl ModelPool {
             if used + incoming <= budget || self.entries.is_empty() {
                 return;
             }
-            let oldest = self
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(k, _)| k.clone());
+            let oldest = self.entries.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| k.clone());
             if let Some(k) = oldest {
                 self.entries.remove(&k);
             }
@@ -123,9 +102,6 @@ impl ModelPool {
 
     /// The folders of loaded models (for diagnostics).
     pub fn loaded(&self) -> Vec<PathBuf> {
-        self.entries
-            .values()
-            .map(|e| e.pipeline.dir().to_path_buf())
-            .collect()
+        self.entries.values().map(|e| e.pipeline.dir().to_path_buf()).collect()
     }
 }
