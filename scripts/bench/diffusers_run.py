@@ -22,7 +22,7 @@ def main():
     out = sys.argv[6] if len(sys.argv) > 6 else None
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False, dtype=torch.float32)
     load = time.perf_counter() - t0
     with torch.inference_mode():
         t0 = time.perf_counter()
