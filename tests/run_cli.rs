@@ -353,3 +353,77 @@ fn grid_jobs_get_a_contact_sheet_and_the_report_lists_every_image() {
     assert!(html.contains("sheets/sweep.png"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The golden image of a case as 8-bit RGB: `round(image * 255)`.
+fn golden_rgb8(case: &str, key: &str) -> Vec<u8> {
+    let file = root().join("tests/fixtures/golden/cases").join(format!("{case}.safetensors"));
+    let t = candle_core::safetensors::load(file, &candle_core::Device::Cpu).unwrap();
+    let v = t[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    sd_run::output::pixels::to_rgb8(&v)
+}
+
+fn assert_png_close(png: &Path, expected: &[u8]) {
+    let img = image::open(png).unwrap().to_rgb8().into_raw();
+    assert_eq!(img.len(), expected.len());
+    let worst = img.iter().zip(expected).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+    assert!(worst <= 1, "{}: pixels differ from diffusers by {worst} levels", png.display());
+}
+
+#[test]
+fn tiny_sd15_png_equals_diffusers_image() {
+    let dir = temp_dir("sd15");
+    let model = root().join("tests/fixtures/golden/models/tiny-sd15");
+    let spec = dir.join("spec.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "version: 1\noutput: out\nmodels:\n  tiny:\n    source: {}\nsafety:\n  checker: off\njobs:\n  - name: fox\n    model: tiny\n    prompts: [\"a red fox in the snow\"]\n    seeds: [42]\n    steps: 4\n    guidance: 7.5\n    scheduler: ddim\n    size: 64x64\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let recs = manifest(&dir.join("out"));
+    assert_eq!(recs.len(), 1);
+    assert_png_close(&dir.join("out").join(recs[0]["path"].as_str().unwrap()), &golden_rgb8("ddim_basic", "image"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sdxl_base_and_refiner_run_stage_major_and_match_diffusers() {
+    let dir = temp_dir("sdxl");
+    let models = root().join("tests/fixtures/golden/models");
+    let spec = dir.join("spec.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "version: 1\noutput: out\nmodels:\n  base:\n    source: {}\n  refiner:\n    source: {}\ndefaults:\n  size: 64x64\n  steps: 8\n  guidance: 5\n  scheduler: euler\n  batch_size: 2\nsafety:\n  checker: off\njobs:\n  - name: alpine\n    model: base\n    prompts: [{{prompt: \"professional photograph of alpine meadow\", negative_prompt: \"blurry\"}}]\n    seeds: [1234, 1, 2]\n    refiner:\n      model: refiner\n      switch_at: 0.8\n",
+            models.join("tiny-sdxl-base").display(),
+            models.join("tiny-sdxl-refiner").display()
+        ),
+    )
+    .unwrap();
+    let plan = sd_run(&["plan", spec.to_str().unwrap(), "--json"]);
+    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(v["model_loads"], 2, "{v}");
+    let stages: Vec<(String, String)> = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["model"].as_str().unwrap().to_string(), s["role"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(stages, [("base".into(), "base".into()), ("refiner".into(), "refiner".into())]);
+
+    let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let loads = String::from_utf8_lossy(&run.stdout).lines().filter(|l| l.contains("\"model_loaded\"")).count();
+    assert_eq!(loads, 2, "base once, refiner once");
+    let recs = manifest(&dir.join("out"));
+    assert_eq!(recs.len(), 3);
+    let r = recs.iter().find(|r| r["seed"] == 1234).unwrap();
+    assert_eq!(r["refiner"]["model"], "refiner");
+    assert_png_close(&dir.join("out").join(r["path"].as_str().unwrap()), &golden_rgb8("sdxl_refiner", "refined_image"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
