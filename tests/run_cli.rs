@@ -581,3 +581,44 @@ fn a_model_without_a_checker_is_a_warning_at_plan_time() {
     assert!(err.contains("warning") && err.contains("no safety_checker"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn hf_sources_run_offline_from_a_filled_cache() {
+    let dir = temp_dir("hf");
+    // The standard cache layout: hub/models--ORG--NAME/{refs/main, snapshots/<commit>/...}.
+    let repo = dir.join("hf/hub/models--tiny-org--tiny-sd");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::os::unix::fs::symlink(root().join("tests/fixtures/golden/models/tiny-sd15"), repo.join("snapshots").join(commit)).unwrap();
+    let spec = dir.join("spec.yaml");
+    std::fs::write(
+        &spec,
+        "version: 1\noutput: out\nmodels:\n  tiny:\n    source: hf:tiny-org/tiny-sd\nsafety:\n  checker: off\njobs:\n  - name: fox\n    model: tiny\n    prompts: [\"a red fox in the snow\"]\n    seeds: [42]\n    steps: 4\n    guidance: 7.5\n    scheduler: ddim\n    size: 64x64\n",
+    )
+    .unwrap();
+    let run = Command::new(BIN)
+        .args(["run", spec.to_str().unwrap(), "--log", "json"])
+        .env("SD_RUN_CACHE", std::env::temp_dir().join("sd-run-test-cache"))
+        .env("HF_HOME", dir.join("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let recs = manifest(&dir.join("out"));
+    assert_png_close(&dir.join("out").join(recs[0]["path"].as_str().unwrap()), &golden_rgb8("ddim_basic", "image"));
+    // A repository missing from the cache is a clear error naming it.
+    std::fs::write(&spec, std::fs::read_to_string(&spec).unwrap().replace("tiny-org/tiny-sd", "tiny-org/absent")).unwrap();
+    let o = Command::new(BIN)
+        .args(["run", spec.to_str().unwrap()])
+        .env("HF_HOME", dir.join("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("tiny-org/absent"), "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
