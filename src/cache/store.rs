@@ -30,7 +30,7 @@ pub const MANIFEST_FILE: &str = "manifest.jsonl";
 /// Folder of extra manifests (sharded runs), under the root.
 pub const MANIFEST_DIR: &str = "manifest.d";
 /// Folder of per-image lock files, under the root.
-pub const LOCKS_DIR: &str = "locks";
+pub const LOCKS_DIR: &str = ".sd-run/locks";
 
 #[derive(Debug, Default)]
 struct ManifestState {

@@ -177,7 +177,8 @@ impl Pipeline {
             crate::spec::AttentionSlicing::Size(n) => Some(n),
         };
         unet.set_attention_slice(slice);
-        let vae = Vae::load(&dir.join("vae"), &device, dtype)?;
+        let mut vae = Vae::load(&dir.join("vae"), &device, dtype)?;
+        vae.set_tiling(opts.memory.vae_tiling);
         let scheduler_config = schedulers::load_config(&dir.join("scheduler"))?;
         let kind = match (unet.config().addition_embed_type.as_deref(), text.len()) {
             (Some("text_time"), 2) => PipelineKind::SdxlBase,
