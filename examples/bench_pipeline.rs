@@ -32,7 +32,14 @@ struct Args {
 fn parse() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let mut model = None;
-    let mut a = Args { model: PathBuf::new(), width: 256, height: 256, steps: 2, scheduler: SchedulerName::Ddim, image_out: None };
+    let mut a = Args {
+        model: PathBuf::new(),
+        width: 256,
+        height: 256,
+        steps: 2,
+        scheduler: SchedulerName::Ddim,
+        image_out: None,
+    };
     let num = |v: Option<String>, flag: &str| -> Result<usize, String> {
         v.and_then(|s| s.parse().ok()).ok_or_else(|| format!("{flag}: expected a number"))
     };
@@ -44,7 +51,8 @@ fn parse() -> Result<Args, String> {
             "--image-out" => a.image_out = it.next().map(PathBuf::from),
             "--scheduler" => {
                 let name = it.next().unwrap_or_default();
-                a.scheduler = serde_json::from_value(serde_json::Value::String(name.clone())).map_err(|_| format!("--scheduler {name}: unknown"))?;
+                a.scheduler =
+                    serde_json::from_value(serde_json::Value::String(name.clone())).map_err(|_| format!("--scheduler {name}: unknown"))?;
             }
             other if other.starts_with("--") => return Err(format!("unknown flag {other}")),
             other => model = Some(PathBuf::from(other)),
@@ -58,7 +66,12 @@ fn parse() -> Result<Args, String> {
 }
 
 fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let opts = LoadOptions { device: Device::Cpu, dtype: DType::F32, memory: MemoryPolicy::default(), safety_checker: false };
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        memory: MemoryPolicy::default(),
+        safety_checker: false,
+    };
     let t0 = Instant::now();
     let pipe = Pipeline::load(&a.model, &opts)?;
     let load = t0.elapsed().as_secs_f64();

@@ -29,7 +29,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BENCH="${SD_RUN_BENCH_DIR:-$ROOT/.bench}"
 VENV="$BENCH/venv"
 PY="$VENV/bin/python"
-PINS="torch==2.15.0 diffusers==0.42.1 transformers==5.23.0 safetensors==0.8.0 numpy==2.4.6"
+PINS="torch==2.15.0 diffusers==0.42.1 transformers==5.23.0 accelerate==1.15.0 safetensors==0.8.0 numpy==2.4.6"
 MODEL="$BENCH/sd15-random"
 mkdir -p "$BENCH"
 
