@@ -43,6 +43,13 @@ impl Geom {
     }
 }
 
+/// A raw pointer that rayon tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: every user writes a region no other task touches.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
 pub(crate) fn parallelism() -> gemm::Parallelism {
     match candle_core::utils::get_num_threads() {
         0 | 1 => gemm::Parallelism::None,
@@ -123,6 +130,14 @@ fn conv_into(
     let Some((oh, ow)) = g.out_size(h, w) else {
         return;
     };
+    let winograd = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1 && g.dil == 1;
+    if winograd && super::winograd::worthwhile(b, h, w) {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        super::winograd::conv3x3(x, b, g.c_in, h, w, weight, g.c_out, dst);
+        return;
+    }
     let k = g.c_in * g.kh * g.kw;
     let par = parallelism();
     let (alpha, read_dst) = if accumulate {
@@ -445,6 +460,9 @@ mod tests {
             (5, 4, 1, 2, 0, 1, 7, 7),
             (3, 2, 3, 1, 2, 2, 8, 8),
             (2, 3, 5, 1, 0, 1, 5, 5),
+            // Winograd F(2x2, 3x3): enough tiles, odd sizes (partial tiles at the borders).
+            (4, 6, 3, 1, 1, 1, 17, 15),
+            (7, 5, 3, 1, 1, 1, 16, 16),
         ];
         for (c_in, c_out, k, stride, padding, dilation, h, w) in cases {
             let cfg = Conv2dConfig {

@@ -6,9 +6,12 @@
 
 pub mod attention;
 pub mod conv;
+pub mod linear;
 pub mod norm;
 pub mod simd;
+mod winograd;
 
 pub use attention::attention;
 pub use conv::{conv2d, Conv2d};
+pub use linear::{geglu, linear, linear_b, Linear};
 pub use norm::{group_norm, GroupNorm};
