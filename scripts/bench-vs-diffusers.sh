@@ -6,7 +6,8 @@
 #
 # First run sets up (cached under .bench/, git-ignored): a Python venv with pinned torch,
 # diffusers, transformers, safetensors and numpy from PyPI, and the model (seed 0, ~4.3 GB).
-# The two programs alternate R times; the table shows medians per stage (seconds), the ratio
+# SD_RUN_BENCH_BIN=path runs that sd-run build instead of building this checkout's
+# (SD_RUN_BENCH_TAG names its results folder). The two programs alternate R times; the table shows medians per stage (seconds), the ratio
 # sd-run/diffusers, both programs' peak RSS, and how far apart their images are. The last line
 # is `ratio X.XX` for the whole image (text encode + all steps + VAE decode, model loaded).
 set -euo pipefail
@@ -48,14 +49,18 @@ if [ ! -f "$MODEL/model_index.json" ]; then
   "$PY" "$ROOT/scripts/bench/make_model.py" "$MODEL" "$ROOT/tests/fixtures/golden/models/tiny-sd15/tokenizer"
 fi
 
-# 3. sd-run's side.
-(cd "$ROOT" && cargo build --release --quiet --example bench_pipeline)
-SDRUN="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench_pipeline"
+# 3. sd-run's side (SD_RUN_BENCH_BIN: an already built bench_pipeline, e.g. an older version's).
+if [ -n "${SD_RUN_BENCH_BIN:-}" ]; then
+  SDRUN="$SD_RUN_BENCH_BIN"
+else
+  (cd "$ROOT" && cargo build --release --quiet --example bench_pipeline)
+  SDRUN="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench_pipeline"
+fi
 
 # Both read the weights from the page cache, not the disk.
 cat "$MODEL"/*/*.safetensors > /dev/null
 
-OUT="$BENCH/results-${RES}-s${STEPS}-t${THREADS}"
+OUT="$BENCH/results-${SD_RUN_BENCH_TAG:-current}-${RES}-s${STEPS}-t${THREADS}"
 rm -rf "$OUT" && mkdir -p "$OUT"
 export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 

@@ -372,6 +372,7 @@ impl Conv2d {
 
     /// Runs the fast kernel when it applies: `Ok(None)` means "use candle's".
     fn fast(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
+        super::tune_allocator();
         let Some(g) = self.geom() else {
             return Ok(None);
         };
