@@ -59,7 +59,7 @@ fn parse() -> Result<Args, String> {
         }
     }
     a.model = model.ok_or("usage: bench_pipeline MODEL_DIR [--width W] [--height H] [--steps N] [--image-out FILE]")?;
-    if a.steps == 0 || a.width % 8 != 0 || a.height % 8 != 0 {
+    if a.steps == 0 || !a.width.is_multiple_of(8) || !a.height.is_multiple_of(8) {
         return Err("steps must be > 0 and the size a multiple of 8".into());
     }
     Ok(a)

@@ -7,9 +7,11 @@
 # First run sets up (cached under .bench/, git-ignored): a Python venv with pinned torch,
 # diffusers, transformers, safetensors and numpy from PyPI, and the model (seed 0, ~4.3 GB).
 # SD_RUN_BENCH_BIN=path runs that sd-run build instead of building this checkout's
-# (SD_RUN_BENCH_TAG names its results folder). The two programs alternate R times; the table shows medians per stage (seconds), the ratio
-# sd-run/diffusers, both programs' peak RSS, and how far apart their images are. The last line
-# is `ratio X.XX` for the whole image (text encode + all steps + VAE decode, model loaded).
+# (SD_RUN_BENCH_TAG names its results folder). The two programs alternate R times; the table
+# shows medians per stage (seconds), the ratio sd-run/diffusers, both programs' peak RSS, and how far apart their images are. The last line
+# is `ratio X.XX` for the whole image (text encode + all steps + VAE decode, model loaded; the
+# diffusers side reads every weight during its load, as sd-run does, instead of paging them in
+# lazily during the first steps).
 set -euo pipefail
 
 RES=256 STEPS=2 THREADS=2 RUNS=3
@@ -19,7 +21,7 @@ while [ $# -gt 0 ]; do
     --steps) STEPS="$2"; shift 2 ;;
     --threads) THREADS="$2"; shift 2 ;;
     --runs) RUNS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -80,27 +82,4 @@ for i in $(seq 1 "$RUNS"); do
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
-"$PY" - "$OUT" "$RES" "$STEPS" "$THREADS" <<'PYEOF'
-import glob, json, os, statistics, sys
-import numpy as np
-out, res, steps, threads = sys.argv[1:5]
-def rows(name):
-    with open(os.path.join(out, name + ".jsonl")) as f:
-        return [json.loads(l) for l in f if l.strip()]
-def rss(name):
-    return max(int(open(p).read().split()[-1]) for p in glob.glob(os.path.join(out, name + ".rss.*"))) / 1024
-s, d = rows("sdrun"), rows("diffusers")
-print(f"sd-run vs diffusers: {res}x{res}, {steps} steps, {threads} threads, medians of {len(s)} runs (s)")
-print(f"{'stage':<14}{'sd-run':>10}{'diffusers':>11}{'ratio':>8}")
-for key, label in [("load", "model load"), ("text", "text encode"), ("unet_step", "UNet / step"), ("decode", "VAE decode"), ("image", "whole image")]:
-    a = statistics.median(r[key] for r in s)
-    b = statistics.median(r[key] for r in d)
-    print(f"{label:<14}{a:>10.3f}{b:>11.3f}{a / b:>8.2f}")
-print(f"{'peak RSS MiB':<14}{rss('sdrun'):>10.0f}{rss('diffusers'):>11.0f}")
-x = np.fromfile(os.path.join(out, "sdrun.f32"), dtype=np.float32)
-y = np.fromfile(os.path.join(out, "diffusers.f32"), dtype=np.float32)
-if x.shape == y.shape:
-    print(f"image max |sd-run - diffusers|: {np.abs(x - y).max():.2e}")
-ratio = statistics.median(r["image"] for r in s) / statistics.median(r["image"] for r in d)
-print(f"ratio {ratio:.2f}")
-PYEOF
+"$PY" "$ROOT/scripts/bench/summarize.py" "$OUT" "$RES" "$STEPS" "$THREADS"

@@ -23,6 +23,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "sd-run-attention"
@@ -69,7 +76,6 @@ impl CustomOp3 for AttentionOp {
                 let q_ptr = q[(bi * n + q0) * c + h * d..].as_ptr();
                 let k_ptr = k[bi * m * c + h * d..].as_ptr();
                 let v_ptr = v[bi * m * c + h * d..].as_ptr();
-                let dst = dst;
                 // SAFETY: q block (rows, d) with row stride c; k^T (d, m) with column stride c;
                 // scores (rows, m) row-major; v (m, d) with row stride c; the output block
                 // (rows, d) at row stride c is this task's alone. All in bounds by the shape checks.
@@ -100,7 +106,7 @@ impl CustomOp3 for AttentionOp {
                     simd::softmax_row(row);
                 }
                 unsafe {
-                    let o_ptr = dst.0.add((bi * n + q0) * c + h * d);
+                    let o_ptr = dst.get().add((bi * n + q0) * c + h * d);
                     gemm::gemm(
                         rows,
                         d,

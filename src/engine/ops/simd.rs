@@ -21,10 +21,12 @@ pub fn exp1(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r2 + r + 1.0;
-    // 2^n by building the exponent bits; n is in [-126, 127] after the clamp.
-    let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n by building the exponent bits; n + 127 is in [1, 254] after the clamp. Adding
+    // 1.5 * 2^23 puts it in the low mantissa bits (a float-to-int cast would not vectorise).
+    let biased = (n + (127.0 + 12_582_912.0)).to_bits();
+    let pow2 = f32::from_bits(biased << 23);
     y * pow2
 }
 
@@ -33,9 +35,17 @@ const LANES: usize = 16;
 
 #[inline(always)]
 fn softmax_body(row: &mut [f32]) {
+    // Lane-wise maxima with compare-and-select (`f32::max` keeps a scalar loop for NaN rules).
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+        }
+    }
     let mut max = f32::NEG_INFINITY;
-    for &v in row.iter() {
-        max = max.max(v);
+    for &v in lanes.iter().chain(chunks.remainder()) {
+        max = if v > max { v } else { max };
     }
     let mut acc = [0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
