@@ -52,6 +52,29 @@ pub struct Executor<'a> {
     summary: Summary,
     rates: Rates,
     per_model: BTreeMap<String, (f64, usize)>,
+    /// Keep models loaded when the plan is done with them (serve mode).
+    keep_models: bool,
+}
+
+/// What serve mode keeps between runs: the device, the loaded models (within the memory budget)
+/// and the loaded safety checkers.
+pub struct Resident {
+    pub device: Device,
+    pub pool: ModelPool,
+    checkers: HashMap<String, SafetyChecker>,
+}
+
+impl Resident {
+    /// Nothing loaded yet, on `kind`, models bounded by `budget` bytes.
+    pub fn new(kind: DeviceKind, budget: Option<u64>) -> Result<Self, RunError> {
+        Ok(Self { device: candle_device(kind)?, pool: ModelPool::new(budget), checkers: HashMap::new() })
+    }
+
+    /// Unloads a model and its safety checker (its declaration changed).
+    pub fn forget(&mut self, model: &str) {
+        self.pool.release(model);
+        self.checkers.remove(model);
+    }
 }
 
 /// Where base latents wait for the refiner (content-keyed, so a crash between the stages keeps
@@ -78,11 +101,40 @@ impl<'a> Executor<'a> {
             summary: Summary::default(),
             rates,
             per_model: BTreeMap::new(),
+            keep_models: false,
         })
+    }
+
+    /// An executor that reuses (and keeps) `resident`'s device, models and safety checkers.
+    pub fn with_resident(campaign: &'a Campaign, reporter: &'a mut dyn Reporter, interrupt: Arc<AtomicBool>, resident: Resident) -> Self {
+        Self {
+            campaign,
+            device: resident.device,
+            pool: resident.pool,
+            checkers: resident.checkers,
+            embeddings: HashMap::new(),
+            handoff: HashMap::new(),
+            reporter,
+            interrupt,
+            summary: Summary::default(),
+            rates: Rates::load(&campaign.spec.output).unwrap_or_default(),
+            per_model: BTreeMap::new(),
+            keep_models: true,
+        }
+    }
+
+    /// Runs `plan` and hands back what stays loaded for the next one.
+    pub fn run_resident(mut self, plan: &Plan) -> (Summary, Resident) {
+        let summary = self.run_plan(plan);
+        (summary, Resident { device: self.device, pool: self.pool, checkers: self.checkers })
     }
 
     /// Runs every stage of `plan`; returns the summary.
     pub fn run(mut self, plan: &Plan) -> Summary {
+        self.run_plan(plan)
+    }
+
+    fn run_plan(&mut self, plan: &Plan) -> Summary {
         let started = Instant::now();
         self.summary.cached = plan.cached;
         for (si, stage) in plan.stages.iter().enumerate() {
@@ -101,7 +153,7 @@ impl<'a> Executor<'a> {
                 }
             }
             let later = plan.stages[si + 1..].iter().any(|s| s.model == stage.model);
-            if !later {
+            if !later && !self.keep_models {
                 self.pool.release(&stage.model);
                 self.embeddings.retain(|k, _| k.0 != stage.model);
             }
@@ -114,7 +166,7 @@ impl<'a> Executor<'a> {
             }
         }
         let _ = self.rates.save(&self.campaign.spec.output);
-        self.summary
+        std::mem::take(&mut self.summary)
     }
 
     fn load_options(&self, model: &str) -> LoadOptions {

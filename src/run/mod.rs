@@ -75,7 +75,7 @@ fn machine_config(spec: &Path, config: Option<&Path>) -> Result<Option<MachineCo
 }
 
 /// Chooses the device: the flag, else the config, else auto (the best this build supports).
-fn device_kind(flag: Option<&str>, config: Option<&MachineConfig>) -> Result<DeviceKind, RunError> {
+pub fn device_kind(flag: Option<&str>, config: Option<&MachineConfig>) -> Result<DeviceKind, RunError> {
     let asked = flag.map(str::to_string).or_else(|| config.map(|c| c.device.as_str().to_string())).unwrap_or_else(|| "auto".into());
     match asked.as_str() {
         "cpu" => Ok(DeviceKind::Cpu),
