@@ -75,6 +75,11 @@ impl Resident {
         self.pool.release(model);
         self.checkers.remove(model);
     }
+
+    /// Unloads a model's safety checker only (the checker folder changed).
+    pub fn forget_checker(&mut self, model: &str) {
+        self.checkers.remove(model);
+    }
 }
 
 /// Where base latents wait for the refiner (content-keyed, so a crash between the stages keeps

@@ -48,7 +48,12 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     if let Some(token) = &shared.settings.token {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
         if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
             shared.refuse(ApiError::Unauthorized.reason());
             return ApiError::Unauthorized.into_response();
@@ -60,7 +65,10 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
 /// Reads a body up to the configured limit.
 async fn read_body(shared: &Shared, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
     let limit = shared.settings.max_body_bytes;
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::BodyTooLarge { limit });
     }
@@ -77,7 +85,12 @@ async fn submit_text(shared: Arc<Shared>, text: String, label: &'static str) -> 
     match result {
         Ok(Ok(a)) => {
             let location = format!("/v1/jobs/{}", a.id);
-            (StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(a.to_json())).into_response()
+            (
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, location)],
+                Json(a.to_json()),
+            )
+                .into_response()
         }
         Ok(Err(e)) => refuse(&shared, e),
         Err(e) => refuse(&shared, ApiError::Internal(format!("submission task: {e}"))),
@@ -96,7 +109,12 @@ async fn submit_job(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
     };
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
-        Err(_) => return refuse(&shared, ApiError::BadRequest("the body is not UTF-8 text".into())),
+        Err(_) => {
+            return refuse(
+                &shared,
+                ApiError::BadRequest("the body is not UTF-8 text".into()),
+            )
+        }
     };
     submit_text(shared, text, "spec").await
 }
@@ -123,7 +141,9 @@ struct GenerateBody {
 fn generate_spec(g: GenerateBody, models: &[&str]) -> String {
     let mut job = serde_json::Map::new();
     job.insert("name".into(), json!("generate"));
-    let model = g.model.or_else(|| (models.len() == 1).then(|| models[0].to_string()));
+    let model = g
+        .model
+        .or_else(|| (models.len() == 1).then(|| models[0].to_string()));
     if let Some(m) = model {
         job.insert("model".into(), json!(m));
     }
@@ -147,11 +167,11 @@ fn generate_spec(g: GenerateBody, models: &[&str]) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    match (g.width.as_ref().or(g.height.as_ref()), g.height.as_ref().or(g.width.as_ref())) {
-        (Some(w), Some(h)) => {
-            job.insert("size".into(), json!(format!("{}x{}", text(w), text(h))));
-        }
-        _ => {}
+    if let (Some(w), Some(h)) = (
+        g.width.as_ref().or(g.height.as_ref()),
+        g.height.as_ref().or(g.width.as_ref()),
+    ) {
+        job.insert("size".into(), json!(format!("{}x{}", text(w), text(h))));
     }
     job.insert("batch_size".into(), json!(1));
     let spec = json!({"version": 1, "jobs": [Value::Object(job)]});
@@ -159,8 +179,11 @@ fn generate_spec(g: GenerateBody, models: &[&str]) -> String {
 }
 
 fn random_seed() -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let h = crate::cache::sha256_bytes(format!("{}:{}", t.as_nanos(), std::process::id()).as_bytes());
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let h =
+        crate::cache::sha256_bytes(format!("{}:{}", t.as_nanos(), std::process::id()).as_bytes());
     u64::from_str_radix(&h[..8], 16).unwrap_or(0)
 }
 
@@ -208,16 +231,24 @@ async fn get_image(State(shared): State<Arc<Shared>>, Path(key): Path<String>) -
         match rec {
             None => Err(ApiError::NotFound(format!("no image `{key}` in the store"))),
             Some(r) => match r.path {
-                Some(p) if p.starts_with("images/") => {
-                    std::fs::read(s.store.root().join(&p)).map_err(|e| ApiError::Internal(format!("{p}: {e}")))
-                }
-                _ => Err(ApiError::Forbidden(format!("image `{key}` is withheld by the safety stage"))),
+                Some(p) if p.starts_with("images/") => std::fs::read(s.store.root().join(&p))
+                    .map_err(|e| ApiError::Internal(format!("{p}: {e}"))),
+                _ => Err(ApiError::Forbidden(format!(
+                    "image `{key}` is withheld by the safety stage"
+                ))),
             },
         }
     })
     .await;
     match found {
-        Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "public, max-age=31536000, immutable")], bytes).into_response(),
+        Ok(Ok(bytes)) => (
+            [
+                (header::CONTENT_TYPE, "image/png"),
+                (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+            ],
+            bytes,
+        )
+            .into_response(),
         Ok(Err(e)) => e.into_response(),
         Err(e) => ApiError::Internal(e.to_string()).into_response(),
     }
@@ -231,13 +262,25 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if up && !draining {
         Json(json!({"ready": true})).into_response()
     } else {
-        let reason = if draining { "draining" } else { "the worker is not running" };
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "reason": reason}))).into_response()
+        let reason = if draining {
+            "draining"
+        } else {
+            "the worker is not running"
+        };
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": reason})),
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics_text()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared.metrics_text(),
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -263,13 +306,19 @@ mod tests {
             &text,
             "generate",
             std::path::Path::new("."),
-            &crate::spec::LoadOptions { allow_sources: false, known_models: Some(demo_models()) },
+            &crate::spec::LoadOptions {
+                allow_sources: false,
+                known_models: Some(demo_models()),
+            },
         )
         .unwrap();
         let job = &spec.jobs[0];
         assert_eq!(job.model, "demo");
         assert_eq!(job.seeds, vec![7]);
-        assert_eq!((job.params.width, job.params.height, job.params.steps), (64, 32, 4));
+        assert_eq!(
+            (job.params.width, job.params.height, job.params.steps),
+            (64, 32, 4)
+        );
         assert_eq!(job.params.guidance, 6.5);
         assert_eq!(job.prompts[0].negative_prompt.as_deref(), Some("blur"));
         assert_eq!(crate::spec::image_count(&spec), 1);
@@ -277,14 +326,21 @@ mod tests {
 
     #[test]
     fn generate_errors_name_the_field() {
-        let g: GenerateBody = serde_json::from_value(json!({"prompt": "x", "steps": 0, "width": 63})).unwrap();
+        let g: GenerateBody =
+            serde_json::from_value(json!({"prompt": "x", "steps": 0, "width": 63})).unwrap();
         let text = generate_spec(g, &["demo"]);
-        let opts = crate::spec::LoadOptions { allow_sources: false, known_models: Some(demo_models()) };
-        let err = crate::spec::load_str_with(&text, "generate", std::path::Path::new("."), &opts).unwrap_err();
+        let opts = crate::spec::LoadOptions {
+            allow_sources: false,
+            known_models: Some(demo_models()),
+        };
+        let err = crate::spec::load_str_with(&text, "generate", std::path::Path::new("."), &opts)
+            .unwrap_err();
         let all = err.to_string();
         assert!(all.contains("steps") || all.contains("size"), "{all}");
         assert!(all.starts_with("generate:"), "{all}");
-        assert!(serde_json::from_value::<GenerateBody>(json!({"prompt": "x", "bogus": 1})).is_err());
+        assert!(
+            serde_json::from_value::<GenerateBody>(json!({"prompt": "x", "bogus": 1})).is_err()
+        );
     }
 
     fn demo_models() -> std::collections::BTreeMap<String, crate::spec::ModelDecl> {

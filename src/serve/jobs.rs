@@ -86,22 +86,36 @@ pub fn jobs_dir(store_root: &Path) -> PathBuf {
 
 /// Whether `id` has the shape of a job id (so it is safe in a file name).
 pub fn is_job_id(id: &str) -> bool {
-    id.len() == 20 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    id.len() == 20
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A new job id: 12 hex digits of Unix milliseconds (ids sort by arrival), then 8 of a hash of
 /// the time, the process and a counter.
 pub fn new_job_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let salt = crate::cache::sha256_bytes(format!("{}:{}:{n}", now.as_nanos(), std::process::id()).as_bytes());
-    format!("{:012x}{}", now.as_millis() as u64 & 0xffff_ffff_ffff, &salt[..8])
+    let salt = crate::cache::sha256_bytes(
+        format!("{}:{}:{n}", now.as_nanos(), std::process::id()).as_bytes(),
+    );
+    format!(
+        "{:012x}{}",
+        now.as_millis() as u64 & 0xffff_ffff_ffff,
+        &salt[..8]
+    )
 }
 
 /// Unix seconds now.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl JobFile {
@@ -113,7 +127,8 @@ impl JobFile {
     /// Writes the file atomically (temp file, fsync, rename).
     pub fn save(&self, store_root: &Path) -> Result<(), CacheError> {
         let path = Self::path(store_root, &self.id);
-        let bytes = serde_json::to_vec(self).map_err(|e| CacheError::invalid(&path, e.to_string()))?;
+        let bytes =
+            serde_json::to_vec(self).map_err(|e| CacheError::invalid(&path, e.to_string()))?;
         crate::cache::write_atomic(&path, &bytes)
     }
 
@@ -122,16 +137,29 @@ impl JobFile {
         let dir = jobs_dir(store_root);
         let mut jobs = Vec::new();
         let mut problems = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&dir) else { return (jobs, problems) };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return (jobs, problems);
+        };
         for e in entries.flatten() {
             let p = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(".json") else { continue };
+            let Some(id) = name.strip_suffix(".json") else {
+                continue;
+            };
             if !is_job_id(id) {
                 continue;
             }
-            match std::fs::read(&p).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<JobFile>(&b).map_err(|e| e.to_string())) {
-                Ok(f) if f.format == JOB_FILE_FORMAT && f.id == id && f.keys.len() == f.images.len() => jobs.push(f),
+            match std::fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<JobFile>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(f)
+                    if f.format == JOB_FILE_FORMAT
+                        && f.id == id
+                        && f.keys.len() == f.images.len() =>
+                {
+                    jobs.push(f)
+                }
                 Ok(_) => problems.push(format!("{}: not a job file of this version", p.display())),
                 Err(e) => problems.push(format!("{}: {e}", p.display())),
             }
@@ -184,11 +212,22 @@ mod tests {
             cached: 0,
         };
         f.save(&root).unwrap();
-        let older = JobFile { id: new_job_id(), created: 1, ..f.clone() };
+        let older = JobFile {
+            id: new_job_id(),
+            created: 1,
+            ..f.clone()
+        };
         older.save(&root).unwrap();
-        std::fs::write(jobs_dir(&root).join("00000000000000000000.json"), b"{not json").unwrap();
+        std::fs::write(
+            jobs_dir(&root).join("00000000000000000000.json"),
+            b"{not json",
+        )
+        .unwrap();
         let (all, problems) = JobFile::load_all(&root);
-        assert_eq!(all.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![older.id.clone(), f.id.clone()]);
+        assert_eq!(
+            all.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+            vec![older.id.clone(), f.id.clone()]
+        );
         assert_eq!(problems.len(), 1, "{problems:?}");
         f.state = JobState::Done;
         f.images = vec![ImageState::Ok];

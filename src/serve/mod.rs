@@ -50,7 +50,11 @@ pub enum ApiError {
     #[error("the job needs {to_make} images made; the queue holds at most {limit}: split it")]
     JobTooBig { to_make: usize, limit: usize },
     #[error("the queue is full ({queued} images waiting, limit {limit}); retry in {retry_after}s")]
-    QueueFull { queued: usize, limit: usize, retry_after: u64 },
+    QueueFull {
+        queued: usize,
+        limit: usize,
+        retry_after: u64,
+    },
     #[error("the server is shutting down and takes no new work")]
     Draining,
     #[error("{0}")]
@@ -89,7 +93,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Invalid(_) | Self::TooManyImages { .. } | Self::JobTooBig { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Invalid(_) | Self::TooManyImages { .. } | Self::JobTooBig { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -108,7 +114,11 @@ impl IntoResponse for ApiError {
         let mut body = json!({"error": self.reason(), "message": self.to_string()});
         match &self {
             Self::Invalid(messages) => body["messages"] = json!(messages),
-            Self::QueueFull { queued, limit, retry_after } => {
+            Self::QueueFull {
+                queued,
+                limit,
+                retry_after,
+            } => {
                 body["queued"] = json!(queued);
                 body["queue_limit"] = json!(limit);
                 body["retry_after"] = json!(retry_after);
@@ -131,7 +141,10 @@ impl IntoResponse for ApiError {
                 h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("30"));
             }
             Self::Unauthorized => {
-                h.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
             }
             _ => {}
         }
@@ -153,7 +166,10 @@ pub struct ServeOptions {
 }
 
 fn load_config(opts: &ServeOptions) -> Result<MachineConfig, String> {
-    let path = opts.config.clone().or_else(|| Some(PathBuf::from("sd-run.toml")).filter(|p| p.is_file()));
+    let path = opts
+        .config
+        .clone()
+        .or_else(|| Some(PathBuf::from("sd-run.toml")).filter(|p| p.is_file()));
     match path {
         Some(p) => MachineConfig::load(&p).map_err(|e| e.to_string()),
         None => Ok(MachineConfig::default()),
@@ -162,10 +178,21 @@ fn load_config(opts: &ServeOptions) -> Result<MachineConfig, String> {
 
 /// Builds the settings from the config and options.
 fn settings(cfg: &MachineConfig, opts: &ServeOptions) -> Result<Settings, String> {
-    let device = crate::run::device_kind(opts.device.as_deref(), Some(cfg)).map_err(|e| e.to_string())?;
-    let base_dir = cfg.file.as_deref().and_then(Path::parent).filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let device =
+        crate::run::device_kind(opts.device.as_deref(), Some(cfg)).map_err(|e| e.to_string())?;
+    let base_dir = cfg
+        .file
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
     let base_dir = std::path::absolute(&base_dir).unwrap_or(base_dir);
-    let store_root = cfg.store.output.clone().unwrap_or_else(|| base_dir.join("sd-run-store"));
+    let store_root = cfg
+        .store
+        .output
+        .clone()
+        .unwrap_or_else(|| base_dir.join("sd-run-store"));
     Ok(Settings {
         token: cfg.server.token.clone(),
         queue_limit: cfg.server.queue_limit,
@@ -250,7 +277,10 @@ pub fn serve_command(opts: &ServeOptions) -> u8 {
     for p in shared.resume() {
         eprintln!("sd-run serve: warning: {p}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sd-run serve: cannot start the runtime: {e}");
@@ -272,7 +302,10 @@ pub fn serve_command(opts: &ServeOptions) -> u8 {
         }
     };
     let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
-    eprintln!("sd-run serve: listening on http://{bound} (store {})", shared.settings.store_root.display());
+    eprintln!(
+        "sd-run serve: listening on http://{bound} (store {})",
+        shared.settings.store_root.display()
+    );
     let drain = Duration::from_secs(opts.drain_seconds);
     let app = http::router(shared.clone());
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();

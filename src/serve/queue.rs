@@ -25,7 +25,10 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Self { max_wait: Duration::from_secs(120), max_passes: 4 }
+        Self {
+            max_wait: Duration::from_secs(120),
+            max_passes: 4,
+        }
     }
 }
 
@@ -42,7 +45,11 @@ pub struct Waiting<'a> {
 
 /// Which waiting task goes next (an index into `waiting`, which is in arrival order), given
 /// which models are loaded now. `None` when nothing waits.
-pub fn pick(waiting: &[Waiting<'_>], loaded: impl Fn(&str) -> bool, policy: Policy) -> Option<usize> {
+pub fn pick(
+    waiting: &[Waiting<'_>],
+    loaded: impl Fn(&str) -> bool,
+    policy: Policy,
+) -> Option<usize> {
     let head = waiting.first()?;
     if head.waited >= policy.max_wait || head.passed_over >= policy.max_passes {
         return Some(0);
@@ -55,7 +62,11 @@ mod tests {
     use super::*;
 
     fn w(model: &str, secs: u64, passed: u32) -> Waiting<'_> {
-        Waiting { model, waited: Duration::from_secs(secs), passed_over: passed }
+        Waiting {
+            model,
+            waited: Duration::from_secs(secs),
+            passed_over: passed,
+        }
     }
 
     #[test]
@@ -73,16 +84,31 @@ mod tests {
 
     #[test]
     fn the_oldest_goes_next_after_its_bound() {
-        let p = Policy { max_wait: Duration::from_secs(60), max_passes: 3 };
-        assert_eq!(pick(&[w("a", 60, 0), w("b", 1, 0)], |m| m == "b", p), Some(0));
-        assert_eq!(pick(&[w("a", 1, 3), w("b", 1, 0)], |m| m == "b", p), Some(0));
-        assert_eq!(pick(&[w("a", 59, 2), w("b", 1, 0)], |m| m == "b", p), Some(1));
+        let p = Policy {
+            max_wait: Duration::from_secs(60),
+            max_passes: 3,
+        };
+        assert_eq!(
+            pick(&[w("a", 60, 0), w("b", 1, 0)], |m| m == "b", p),
+            Some(0)
+        );
+        assert_eq!(
+            pick(&[w("a", 1, 3), w("b", 1, 0)], |m| m == "b", p),
+            Some(0)
+        );
+        assert_eq!(
+            pick(&[w("a", 59, 2), w("b", 1, 0)], |m| m == "b", p),
+            Some(1)
+        );
     }
 
     /// A simulation: a stream of work on the loaded model never starves an older job on another.
     #[test]
     fn no_task_is_passed_over_more_than_the_bound() {
-        let p = Policy { max_wait: Duration::from_secs(3600), max_passes: 4 };
+        let p = Policy {
+            max_wait: Duration::from_secs(3600),
+            max_passes: 4,
+        };
         // (model, passed_over); "b" arrives first, then a long stream of "a" while "a" is loaded.
         let mut queue: Vec<(String, u32)> = vec![("b".into(), 0)];
         let mut loaded = "a".to_string();
@@ -103,6 +129,9 @@ mod tests {
             assert!(queue.iter().all(|(_, n)| *n <= p.max_passes));
         }
         let pos = served.iter().position(|m| m == "b").unwrap();
-        assert_eq!(pos, 4, "b goes after exactly max_passes younger tasks: {served:?}");
+        assert_eq!(
+            pos, 4,
+            "b goes after exactly max_passes younger tasks: {served:?}"
+        );
     }
 }

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::jobs::{is_job_id, new_job_id, unix_now, ImageState, JobFile, JobState, JOB_FILE_FORMAT};
+use super::jobs::{
+    is_job_id, new_job_id, unix_now, ImageState, JobFile, JobState, JOB_FILE_FORMAT,
+};
 use super::metrics::{Gauges, Metrics};
 use super::queue::Policy;
 use super::ApiError;
@@ -151,11 +153,20 @@ fn prepare(c: &Campaign) -> Prepared {
     for (i, key) in c.keys.iter().enumerate() {
         if hits.get(i).copied().unwrap_or(false) {
             let rec = c.store.record(key);
-            let flagged = rec.as_ref().is_some_and(|r| r.status == ImageStatus::Flagged);
-            if rec.as_ref().is_none_or(|r| r.path.as_deref().is_none_or(|p| !p.starts_with("images/"))) {
+            let flagged = rec
+                .as_ref()
+                .is_some_and(|r| r.status == ImageStatus::Flagged);
+            if rec
+                .as_ref()
+                .is_none_or(|r| r.path.as_deref().is_none_or(|p| !p.starts_with("images/")))
+            {
                 withheld.insert(key.clone());
             }
-            images.push(if flagged { ImageState::Flagged } else { ImageState::Ok });
+            images.push(if flagged {
+                ImageState::Flagged
+            } else {
+                ImageState::Ok
+            });
             cached += 1;
             continue;
         }
@@ -169,7 +180,12 @@ fn prepare(c: &Campaign) -> Prepared {
             None => tasks.push((model.clone(), vec![i])),
         }
     }
-    Prepared { images, withheld, cached, tasks }
+    Prepared {
+        images,
+        withheld,
+        cached,
+        tasks,
+    }
 }
 
 fn to_make(p: &Prepared) -> usize {
@@ -179,7 +195,12 @@ fn to_make(p: &Prepared) -> usize {
 impl Shared {
     /// A server state with nothing queued.
     pub fn new(settings: Settings, store: Store) -> Self {
-        Self { settings, inner: Mutex::new(Inner::default()), wake: Condvar::new(), store }
+        Self {
+            settings,
+            inner: Mutex::new(Inner::default()),
+            wake: Condvar::new(),
+            store,
+        }
     }
 
     /// Locks the state (a panic elsewhere never makes it unusable).
@@ -188,7 +209,11 @@ impl Shared {
     }
 
     /// Waits on the worker's condition variable.
-    pub fn wait<'a>(&self, guard: MutexGuard<'a, Inner>, timeout: Duration) -> MutexGuard<'a, Inner> {
+    pub fn wait<'a>(
+        &self,
+        guard: MutexGuard<'a, Inner>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Inner> {
         match self.wake.wait_timeout(guard, timeout) {
             Ok((g, _)) => g,
             Err(p) => p.into_inner().0,
@@ -214,19 +239,27 @@ impl Shared {
             return Err(ApiError::Draining);
         }
         let s = &self.settings;
-        let opts = spec::LoadOptions { allow_sources: s.allow_client_models, known_models: Some(s.models.clone()) };
-        let mut spec = spec::load_str_with(text, label, &s.base_dir, &opts).map_err(|e| ApiError::Invalid(e.0.iter().map(|d| d.to_string()).collect()))?;
+        let opts = spec::LoadOptions {
+            allow_sources: s.allow_client_models,
+            known_models: Some(s.models.clone()),
+        };
+        let mut spec = spec::load_str_with(text, label, &s.base_dir, &opts)
+            .map_err(|e| ApiError::Invalid(e.0.iter().map(|d| d.to_string()).collect()))?;
         let count = spec::image_count(&spec);
         if count > s.max_images_per_job {
-            return Err(ApiError::TooManyImages { images: count, limit: s.max_images_per_job });
+            return Err(ApiError::TooManyImages {
+                images: count,
+                limit: s.max_images_per_job,
+            });
         }
         spec.output = s.store_root.clone();
         spec.memory_budget = s.memory_budget;
-        let campaign = Campaign::from_spec(spec, s.device, Fetch::Download).map_err(|e| match e {
-            RunError::Spec(e) => ApiError::Invalid(e.0.iter().map(|d| d.to_string()).collect()),
-            RunError::Model { .. } => ApiError::Invalid(vec![format!("{label}: {e}")]),
-            other => ApiError::Internal(other.to_string()),
-        })?;
+        let campaign =
+            Campaign::from_spec(spec, s.device, Fetch::Download).map_err(|e| match e {
+                RunError::Spec(e) => ApiError::Invalid(e.0.iter().map(|d| d.to_string()).collect()),
+                RunError::Model { .. } => ApiError::Invalid(vec![format!("{label}: {e}")]),
+                other => ApiError::Internal(other.to_string()),
+            })?;
         let prepared = prepare(&campaign);
         let n = to_make(&prepared);
 
@@ -239,17 +272,30 @@ impl Shared {
             let queued = g.queued_images() + g.reserved;
             if n > 0 && queued + n > s.queue_limit {
                 if n > s.queue_limit {
-                    return Err(ApiError::JobTooBig { to_make: n, limit: s.queue_limit });
+                    return Err(ApiError::JobTooBig {
+                        to_make: n,
+                        limit: s.queue_limit,
+                    });
                 }
                 let per_image = g.metrics.mean_seconds_per_image().unwrap_or(1.0);
-                let retry_after = ((queued + n - s.queue_limit) as f64 * per_image).ceil().clamp(1.0, 3600.0) as u64;
-                return Err(ApiError::QueueFull { queued, limit: s.queue_limit, retry_after });
+                let retry_after = ((queued + n - s.queue_limit) as f64 * per_image)
+                    .ceil()
+                    .clamp(1.0, 3600.0) as u64;
+                return Err(ApiError::QueueFull {
+                    queued,
+                    limit: s.queue_limit,
+                    retry_after,
+                });
             }
             g.reserved += n;
         }
         let id = new_job_id();
         let created = unix_now();
-        let state = if n == 0 { JobState::Done } else { JobState::Queued };
+        let state = if n == 0 {
+            JobState::Done
+        } else {
+            JobState::Queued
+        };
         let file = JobFile {
             format: JOB_FILE_FORMAT,
             id: id.clone(),
@@ -266,11 +312,19 @@ impl Shared {
         let mut g = self.lock();
         g.reserved -= n;
         if let Err(e) = saved {
-            return Err(ApiError::Internal(format!("cannot write the job file: {e}")));
+            return Err(ApiError::Internal(format!(
+                "cannot write the job file: {e}"
+            )));
         }
         g.metrics.jobs_accepted += 1;
         g.metrics.cached += prepared.cached as u64;
-        let accepted = Accepted { id: id.clone(), images: campaign.keys.len(), cached: prepared.cached, keys: campaign.keys.clone(), state };
+        let accepted = Accepted {
+            id: id.clone(),
+            images: campaign.keys.len(),
+            cached: prepared.cached,
+            keys: campaign.keys.clone(),
+            state,
+        };
         g.insert(id, created, Arc::new(campaign), prepared);
         drop(g);
         self.wake.notify_all();
@@ -316,7 +370,8 @@ impl Shared {
                             problems.push(format!("job {}: {e}", f.id));
                         }
                     }
-                    self.lock().insert(f.id.clone(), f.created, Arc::new(c), prepared);
+                    self.lock()
+                        .insert(f.id.clone(), f.created, Arc::new(c), prepared);
                 }
                 Err(e) => {
                     problems.push(format!("job {}: {e}", f.id));
@@ -328,7 +383,12 @@ impl Shared {
                             errors.insert(k.clone(), format!("cannot resume: {e}"));
                         }
                     }
-                    let file = JobFile { state: JobState::Failed, images: images.clone(), errors: errors.clone(), ..f.clone() };
+                    let file = JobFile {
+                        state: JobState::Failed,
+                        images: images.clone(),
+                        errors: errors.clone(),
+                        ..f.clone()
+                    };
                     let _ = file.save(&self.settings.store_root);
                     let entry = JobEntry {
                         id: f.id.clone(),
@@ -356,7 +416,10 @@ impl Shared {
             return Err(ApiError::NotFound(format!("no job `{id}`")));
         }
         let g = self.lock();
-        let j = g.jobs.get(id).ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+        let j = g
+            .jobs
+            .get(id)
+            .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
         Ok(view(j))
     }
 
@@ -367,11 +430,16 @@ impl Shared {
             return Err(ApiError::NotFound(format!("no job `{id}`")));
         }
         let mut g = self.lock();
-        let Some(j) = g.jobs.get(id) else { return Err(ApiError::NotFound(format!("no job `{id}`"))) };
+        let Some(j) = g.jobs.get(id) else {
+            return Err(ApiError::NotFound(format!("no job `{id}`")));
+        };
         match j.state {
             JobState::Cancelled => return Ok(view(j)),
             JobState::Done | JobState::Failed => {
-                return Err(ApiError::Conflict(format!("job `{id}` has ended ({}); nothing to cancel", json!(j.state).as_str().unwrap_or(""))))
+                return Err(ApiError::Conflict(format!(
+                    "job `{id}` has ended ({}); nothing to cancel",
+                    json!(j.state).as_str().unwrap_or("")
+                )))
             }
             JobState::Queued | JobState::Running => {}
         }
@@ -382,7 +450,9 @@ impl Shared {
         if let Some(r) = g.running.as_ref().filter(|r| r.job == id) {
             r.interrupt.store(true, Ordering::SeqCst);
         }
-        let Some(j) = g.jobs.get_mut(id) else { return Err(ApiError::NotFound(format!("no job `{id}`"))) };
+        let Some(j) = g.jobs.get_mut(id) else {
+            return Err(ApiError::NotFound(format!("no job `{id}`")));
+        };
         j.tasks_left -= removed.min(j.tasks_left);
         j.state = JobState::Cancelled;
         for s in j.images.iter_mut() {
@@ -466,7 +536,13 @@ impl Inner {
         let running = self.running.as_ref().map_or(0, |r| {
             self.jobs.get(&r.job).map_or(0, |j| {
                 let mut seen = HashSet::new();
-                j.keys.iter().zip(&j.images).filter(|(k, s)| **s == ImageState::Running && r.keys.contains(*k) && seen.insert(*k)).count()
+                j.keys
+                    .iter()
+                    .zip(&j.images)
+                    .filter(|(k, s)| {
+                        **s == ImageState::Running && r.keys.contains(*k) && seen.insert(*k)
+                    })
+                    .count()
             })
         });
         waiting + running
@@ -477,9 +553,19 @@ impl Inner {
         let now = Instant::now();
         let n_tasks = p.tasks.len();
         for (model, indices) in p.tasks {
-            self.tasks.push(Task { job: id.clone(), model, indices, since: now, passed_over: 0 });
+            self.tasks.push(Task {
+                job: id.clone(),
+                model,
+                indices,
+                since: now,
+                passed_over: 0,
+            });
         }
-        let state = if n_tasks == 0 { JobState::Done } else { JobState::Queued };
+        let state = if n_tasks == 0 {
+            JobState::Done
+        } else {
+            JobState::Queued
+        };
         let entry = JobEntry {
             id: id.clone(),
             created,

@@ -18,27 +18,42 @@ use crate::run::execute::{Executor, Resident};
 use crate::spec::ModelDecl;
 
 /// What was loaded under a model name: its declaration and safety checker folder. A job whose
-/// declaration differs (a client override of dtype or memory) unloads it first.
+/// declaration differs (a client override of dtype or memory) unloads it first; one whose
+/// checker folder differs unloads the checker.
 type LoadedAs = HashMap<String, (ModelDecl, Option<PathBuf>)>;
 
-/// Starts the worker thread. It marks itself up, runs until [`Shared::drain`], and returns the
-/// resident models when it stops.
-pub fn spawn(shared: Arc<Shared>, resident: Resident) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("sd-run-worker".into()).spawn(move || run(&shared, resident))
+/// Starts the worker thread (marked up from now on); it runs until [`Shared::drain`].
+pub fn spawn(
+    shared: Arc<Shared>,
+    resident: Resident,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    shared.lock().worker_up = true;
+    std::thread::Builder::new()
+        .name("sd-run-worker".into())
+        .spawn(move || run(&shared, resident))
 }
 
 fn run(shared: &Shared, mut resident: Resident) {
     let mut loaded_as: LoadedAs = HashMap::new();
-    shared.lock().worker_up = true;
-    loop {
-        let Some((task, campaign, interrupt)) = next_task(shared, &resident, &loaded_as) else { break };
-        resident = run_task(shared, &task, &campaign, interrupt, resident, &mut loaded_as);
+    while let Some((task, campaign, interrupt)) = next_task(shared, &resident, &loaded_as) {
+        resident = run_task(
+            shared,
+            &task,
+            &campaign,
+            interrupt,
+            resident,
+            &mut loaded_as,
+        );
     }
     shared.lock().worker_up = false;
 }
 
 /// Waits for a task and takes it (None when the server drains).
-fn next_task(shared: &Shared, resident: &Resident, loaded_as: &LoadedAs) -> Option<(Task, Arc<Campaign>, Arc<AtomicBool>)> {
+fn next_task(
+    shared: &Shared,
+    resident: &Resident,
+    loaded_as: &LoadedAs,
+) -> Option<(Task, Arc<Campaign>, Arc<AtomicBool>)> {
     let mut g = shared.lock();
     loop {
         if g.draining {
@@ -48,20 +63,39 @@ fn next_task(shared: &Shared, resident: &Resident, loaded_as: &LoadedAs) -> Opti
             g = shared.wait(g, Duration::from_secs(1));
             continue;
         }
-        let view: Vec<Waiting<'_>> = g.tasks.iter().map(|t| Waiting { model: &t.model, waited: t.since.elapsed(), passed_over: t.passed_over }).collect();
+        let view: Vec<Waiting<'_>> = g
+            .tasks
+            .iter()
+            .map(|t| Waiting {
+                model: &t.model,
+                waited: t.since.elapsed(),
+                passed_over: t.passed_over,
+            })
+            .collect();
         let loaded = |m: &str| {
             resident.pool.is_loaded(m)
-                && g.tasks.iter().find(|t| t.model == m).and_then(|t| g.jobs.get(&t.job)).and_then(|j| j.campaign.as_ref()).is_some_and(|c| {
-                    loaded_as.get(m).is_some_and(|(d, _)| c.spec.models.get(m) == Some(d))
-                })
+                && g.tasks
+                    .iter()
+                    .find(|t| t.model == m)
+                    .and_then(|t| g.jobs.get(&t.job))
+                    .and_then(|j| j.campaign.as_ref())
+                    .is_some_and(|c| {
+                        loaded_as
+                            .get(m)
+                            .is_some_and(|(d, _)| c.spec.models.get(m) == Some(d))
+                    })
         };
         let i = pick(&view, loaded, shared.settings.policy).unwrap_or(0);
         for older in &mut g.tasks[..i] {
             older.passed_over += 1;
         }
         let task = g.tasks.remove(i);
-        let Some(job) = g.jobs.get_mut(&task.job) else { continue };
-        let Some(campaign) = job.campaign.clone() else { continue };
+        let Some(job) = g.jobs.get_mut(&task.job) else {
+            continue;
+        };
+        let Some(campaign) = job.campaign.clone() else {
+            continue;
+        };
         job.state = JobState::Running;
         let keys: HashSet<String> = task.indices.iter().map(|&i| job.keys[i].clone()).collect();
         for (k, s) in job.keys.iter().zip(job.images.iter_mut()) {
@@ -70,14 +104,25 @@ fn next_task(shared: &Shared, resident: &Resident, loaded_as: &LoadedAs) -> Opti
             }
         }
         let interrupt = Arc::new(AtomicBool::new(false));
-        g.running = Some(Running { job: task.job.clone(), keys, interrupt: interrupt.clone() });
+        g.running = Some(Running {
+            job: task.job.clone(),
+            keys,
+            interrupt: interrupt.clone(),
+        });
         return Some((task, campaign, interrupt));
     }
 }
 
 /// Runs one task: what the store has by now counts as made, the rest goes through the
 /// executor; then the images it did not reach are settled and a finished job is written.
-fn run_task(shared: &Shared, task: &Task, c: &Arc<Campaign>, interrupt: Arc<AtomicBool>, mut resident: Resident, loaded_as: &mut LoadedAs) -> Resident {
+fn run_task(
+    shared: &Shared,
+    task: &Task,
+    c: &Arc<Campaign>,
+    interrupt: Arc<AtomicBool>,
+    mut resident: Resident,
+    loaded_as: &mut LoadedAs,
+) -> Resident {
     let _ = c.store.refresh();
     let mut todo = Vec::new();
     let mut cached = vec![false; c.keys.len()];
@@ -86,7 +131,11 @@ fn run_task(shared: &Shared, task: &Task, c: &Arc<Campaign>, interrupt: Arc<Atom
             Some(rec) => {
                 cached[i] = true;
                 let path = rec.path.clone();
-                let state = if rec.status == ImageStatus::Flagged { ImageState::Flagged } else { ImageState::Ok };
+                let state = if rec.status == ImageStatus::Flagged {
+                    ImageState::Flagged
+                } else {
+                    ImageState::Ok
+                };
                 settle(shared, &task.job, &c.keys[i], state, path.as_deref(), None);
                 shared.lock().metrics.cached += 1;
             }
@@ -96,26 +145,57 @@ fn run_task(shared: &Shared, task: &Task, c: &Arc<Campaign>, interrupt: Arc<Atom
     if !todo.is_empty() {
         // A model whose declaration or checker changed since it was loaded is loaded again.
         let mut names: Vec<&str> = todo.iter().map(|&i| c.requests[i].model.as_str()).collect();
-        names.extend(todo.iter().filter_map(|&i| c.requests[i].params.refiner.as_ref().map(|r| r.model.as_str())));
+        names.extend(todo.iter().filter_map(|&i| {
+            c.requests[i]
+                .params
+                .refiner
+                .as_ref()
+                .map(|r| r.model.as_str())
+        }));
         names.sort_unstable();
         names.dedup();
         for m in &names {
-            let now = c.spec.models.get(*m).cloned().map(|d| (d, c.checkers.get(*m).cloned()));
-            if loaded_as.get(*m) != now.as_ref() {
-                resident.forget(m);
-                match now {
-                    Some(v) => loaded_as.insert(m.to_string(), v),
-                    None => loaded_as.remove(*m),
-                };
+            let Some(decl) = c.spec.models.get(*m) else {
+                continue;
+            };
+            let checker = c.checkers.get(*m);
+            match loaded_as.get_mut(*m) {
+                Some((d, _)) if d != decl => {
+                    resident.forget(m);
+                    loaded_as.insert(m.to_string(), (decl.clone(), checker.cloned()));
+                }
+                Some((_, ch)) => {
+                    // A checker that is not used leaves the loaded one as it is.
+                    if checker.is_some() && ch.as_ref() != checker {
+                        resident.forget_checker(m);
+                        *ch = checker.cloned();
+                    }
+                }
+                None => {
+                    resident.forget(m);
+                    loaded_as.insert(m.to_string(), (decl.clone(), checker.cloned()));
+                }
             }
         }
         let mut sizes = ModelSizes::new();
         for (name, m) in &c.models {
             sizes.insert(name.clone(), ModelSizes::weights_size(&m.dir));
         }
-        let plan = plan_indices(&c.requests, &c.keys, &cached, c.spec.memory_budget, &sizes, todo.iter().copied());
-        let mut reporter = JobReporter { shared, job: task.job.clone(), campaign: c.clone() };
-        let (_, back) = Executor::with_resident(c, &mut reporter, interrupt.clone(), resident).run_resident(&plan);
+        let plan = plan_indices(
+            &c.requests,
+            &c.keys,
+            &cached,
+            c.spec.memory_budget,
+            &sizes,
+            todo.iter().copied(),
+        );
+        let mut reporter = JobReporter {
+            shared,
+            job: task.job.clone(),
+            campaign: c.clone(),
+        };
+        let (_, back) = Executor::with_resident(c, &mut reporter, interrupt.clone(), resident)
+            .run_resident(&plan);
         resident = back;
     }
     finish_task(shared, task, c, &interrupt);
@@ -123,7 +203,14 @@ fn run_task(shared: &Shared, task: &Task, c: &Arc<Campaign>, interrupt: Arc<Atom
 }
 
 /// Sets the state of every image of `job` with `key` that is still pending.
-fn settle(shared: &Shared, job: &str, key: &str, state: ImageState, path: Option<&str>, error: Option<&str>) {
+fn settle(
+    shared: &Shared,
+    job: &str,
+    key: &str,
+    state: ImageState,
+    path: Option<&str>,
+    error: Option<&str>,
+) {
     let mut g = shared.lock();
     let Some(j) = g.jobs.get_mut(job) else { return };
     for (k, s) in j.keys.iter().zip(j.images.iter_mut()) {
@@ -146,7 +233,9 @@ fn finish_task(shared: &Shared, task: &Task, c: &Campaign, interrupt: &AtomicBoo
     let mut g = shared.lock();
     g.running = None;
     let draining = g.draining;
-    let Some(j) = g.jobs.get_mut(&task.job) else { return };
+    let Some(j) = g.jobs.get_mut(&task.job) else {
+        return;
+    };
     let cancelled = j.state == JobState::Cancelled;
     let keys: HashSet<&str> = task.indices.iter().map(|&i| c.keys[i].as_str()).collect();
     for (k, s) in j.keys.iter().zip(j.images.iter_mut()) {
@@ -158,10 +247,16 @@ fn finish_task(shared: &Shared, task: &Task, c: &Campaign, interrupt: &AtomicBoo
         } else if draining && interrupt.load(Ordering::SeqCst) {
             *s = ImageState::Queued;
         } else if let Some(rec) = c.store.lookup(k) {
-            *s = if rec.status == ImageStatus::Flagged { ImageState::Flagged } else { ImageState::Ok };
+            *s = if rec.status == ImageStatus::Flagged {
+                ImageState::Flagged
+            } else {
+                ImageState::Ok
+            };
         } else {
             *s = ImageState::Failed;
-            j.errors.entry(k.clone()).or_insert_with(|| "not made (another process held its lock)".into());
+            j.errors
+                .entry(k.clone())
+                .or_insert_with(|| "not made (another process held its lock)".into());
         }
     }
     if draining && !cancelled && j.images.iter().any(|s| s.is_pending()) {
@@ -177,7 +272,11 @@ fn finish_task(shared: &Shared, task: &Task, c: &Campaign, interrupt: &AtomicBoo
         return;
     }
     if !cancelled {
-        j.state = if j.images.contains(&ImageState::Failed) { JobState::Failed } else { JobState::Done };
+        j.state = if j.images.contains(&ImageState::Failed) {
+            JobState::Failed
+        } else {
+            JobState::Done
+        };
     }
     let file = g.snapshot_of(&task.job);
     if let Some(j) = g.jobs.get_mut(&task.job) {
@@ -200,14 +299,25 @@ struct JobReporter<'a> {
 
 impl JobReporter<'_> {
     fn model_of(&self, key: &str) -> String {
-        self.campaign.keys.iter().position(|k| k == key).map(|i| self.campaign.requests[i].model.clone()).unwrap_or_default()
+        self.campaign
+            .keys
+            .iter()
+            .position(|k| k == key)
+            .map(|i| self.campaign.requests[i].model.clone())
+            .unwrap_or_default()
     }
 }
 
 impl Reporter for JobReporter<'_> {
     fn event(&mut self, event: &Event) {
         match event {
-            Event::Image { key, status, seconds, path, .. } => {
+            Event::Image {
+                key,
+                status,
+                seconds,
+                path,
+                ..
+            } => {
                 let state = match status.as_str() {
                     "ok" => ImageState::Ok,
                     "flagged" => ImageState::Flagged,
@@ -224,19 +334,45 @@ impl Reporter for JobReporter<'_> {
                 }
             }
             Event::Failed { key, error, .. } => {
-                settle(self.shared, &self.job, key, ImageState::Failed, None, Some(error));
+                settle(
+                    self.shared,
+                    &self.job,
+                    key,
+                    ImageState::Failed,
+                    None,
+                    Some(error),
+                );
                 self.shared.lock().metrics.failed += 1;
             }
             Event::Flagged { .. } => self.shared.lock().metrics.flagged += 1,
             Event::Skipped { key, .. } => {
                 let _ = self.campaign.store.refresh();
                 if let Some(rec) = self.campaign.store.lookup(key) {
-                    let state = if rec.status == ImageStatus::Flagged { ImageState::Flagged } else { ImageState::Ok };
-                    settle(self.shared, &self.job, key, state, rec.path.as_deref(), None);
+                    let state = if rec.status == ImageStatus::Flagged {
+                        ImageState::Flagged
+                    } else {
+                        ImageState::Ok
+                    };
+                    settle(
+                        self.shared,
+                        &self.job,
+                        key,
+                        state,
+                        rec.path.as_deref(),
+                        None,
+                    );
                     self.shared.lock().metrics.cached += 1;
                 }
             }
-            Event::ModelLoaded { model, .. } => *self.shared.lock().metrics.model_loads.entry(model.clone()).or_default() += 1,
+            Event::ModelLoaded { model, .. } => {
+                *self
+                    .shared
+                    .lock()
+                    .metrics
+                    .model_loads
+                    .entry(model.clone())
+                    .or_default() += 1
+            }
             _ => {}
         }
     }
