@@ -37,11 +37,21 @@ fn temp_dir(name: &str) -> PathBuf {
 
 /// Writes `sd-run.toml` for the demo model with `server` lines added to `[server]`.
 fn write_config(dir: &Path, server: &str) -> PathBuf {
-    let text = format!(
-        "device = \"cpu\"\n[store]\noutput = \"{}\"\n[server]\n{server}\n[models.demo]\nsource = \"{}\"\n",
-        dir.join("store").display(),
-        root().join("models/demo").display()
+    write_config_with(dir, "", server, &["demo"])
+}
+
+/// Writes `sd-run.toml` with `top` lines first and each of `models` naming the demo model.
+fn write_config_with(dir: &Path, top: &str, server: &str, models: &[&str]) -> PathBuf {
+    let mut text = format!(
+        "device = \"cpu\"\n{top}\n[store]\noutput = \"{}\"\n[server]\n{server}\n",
+        dir.join("store").display()
     );
+    for m in models {
+        text.push_str(&format!(
+            "[models.{m}]\nsource = \"{}\"\n",
+            root().join("models/demo").display()
+        ));
+    }
     let p = dir.join("sd-run.toml");
     std::fs::write(&p, text).unwrap();
     p
@@ -671,6 +681,57 @@ fn sigterm_mid_batch_parks_the_rest_and_a_restart_finishes() {
     let keys = manifest_keys(&store);
     assert_eq!(keys.len(), 6, "each image made once: {keys:?}");
     assert_eq!(keys.iter().collect::<HashSet<_>>().len(), 6);
+}
+
+/// With room for one checkpoint, waiting work on the loaded one goes first: A (demo) runs, B
+/// (demo2) and C (demo) wait; C goes before B, so each checkpoint loads once.
+#[test]
+fn waiting_work_on_the_loaded_checkpoint_goes_first() {
+    let dir = temp_dir("swap");
+    let config = write_config_with(
+        &dir,
+        "memory_budget = \"40MiB\"",
+        "queue_limit = 32",
+        &["demo", "demo2"],
+    );
+    let server = Server::start(&config, &dir.join("cache"));
+    let port = server.port;
+    let job = |model: &str, prompt: &str, steps: u32, seeds: &str| {
+        let body =
+            spec(steps, 1, &[prompt], seeds).replace("model: demo", &format!("model: {model}"));
+        let r = post(port, "/v1/jobs", &body);
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        r.json()
+    };
+    let a = job("demo", "a red circle on a blue background", 30, "[1, 2, 3]");
+    let b = job("demo2", "a green triangle on a white background", 4, "[1]");
+    let c = job("demo", "a blue square on a red background", 4, "[1]");
+    for j in [&a, &b, &c] {
+        let v = poll_until(
+            port,
+            j["id"].as_str().unwrap(),
+            Duration::from_secs(180),
+            finished,
+        );
+        assert_eq!(v["state"], "done", "{v}");
+    }
+    let order = manifest_keys(&dir.join("store"));
+    let key = |j: &Value| j["keys"][0].as_str().unwrap().to_string();
+    let pos = |k: String| order.iter().position(|x| *x == k).unwrap();
+    assert!(
+        pos(key(&c)) < pos(key(&b)),
+        "C (loaded model) before B: {order:?}"
+    );
+    let metrics = String::from_utf8(get(port, "/metrics").body).unwrap();
+    for want in [
+        "sdrun_model_loads_total{model=\"demo\"} 1",
+        "sdrun_model_loads_total{model=\"demo2\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == want),
+            "missing {want} in\n{metrics}"
+        );
+    }
 }
 
 /// Many concurrent clients submitting and polling while the worker is busy: every accepted job

@@ -603,3 +603,133 @@ impl Inner {
         self.jobs.get(id).and_then(|j| self.snapshot(j))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ModelSource;
+
+    fn settings(root: &std::path::Path, queue_limit: usize) -> Settings {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+        let decl = ModelDecl {
+            name: "demo".into(),
+            source: ModelSource::Path { path },
+            dtype: Default::default(),
+            memory: Default::default(),
+        };
+        Settings {
+            token: None,
+            queue_limit,
+            max_images_per_job: 5,
+            allow_client_models: false,
+            store_root: root.to_path_buf(),
+            base_dir: root.to_path_buf(),
+            models: [("demo".to_string(), decl)].into_iter().collect(),
+            device: DeviceKind::Cpu,
+            memory_budget: None,
+            policy: Policy::default(),
+            max_body_bytes: 1 << 20,
+        }
+    }
+
+    /// A server state over the store at `root`.
+    fn shared_at(root: &std::path::Path, queue_limit: usize) -> Shared {
+        Shared::new(settings(root, queue_limit), Store::open(root).unwrap())
+    }
+
+    /// A server state over a fresh store.
+    fn shared(name: &str, queue_limit: usize) -> (Shared, PathBuf) {
+        let root =
+            std::env::temp_dir().join(format!("sd-run-serve-state-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        (shared_at(&root, queue_limit), root)
+    }
+
+    fn spec(seeds: &str) -> String {
+        format!("version: 1\ndefaults:\n  steps: 2\n  size: 64x64\njobs:\n  - name: a\n    model: demo\n    prompts: [\"a red circle\"]\n    seeds: {seeds}\n")
+    }
+
+    #[test]
+    fn limits_reserve_room_and_say_when_to_retry() {
+        let (s, root) = shared("limits", 3);
+        // Duplicate seeds make one image: the job needs 2 made.
+        let a = s.submit(&spec("[1, 2, 2]"), "spec").unwrap();
+        assert_eq!((a.images, a.cached, a.state), (3, 0, JobState::Queued));
+        assert_eq!(a.keys[1], a.keys[2]);
+        assert!(
+            JobFile::path(&root, &a.id).is_file(),
+            "the job file is written before the answer"
+        );
+        assert_eq!(s.lock().queued_images(), 2);
+        assert_eq!(s.lock().tasks.len(), 1);
+        match s.submit(&spec("[3, 4]"), "spec") {
+            Err(ApiError::QueueFull {
+                queued: 2,
+                limit: 3,
+                retry_after,
+            }) => assert!(retry_after >= 1),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            s.submit(&spec("[5, 6, 7, 8]"), "spec"),
+            Err(ApiError::JobTooBig {
+                to_make: 4,
+                limit: 3
+            })
+        ));
+        assert!(matches!(
+            s.submit(&spec("{from: 1, count: 6}"), "spec"),
+            Err(ApiError::TooManyImages {
+                images: 6,
+                limit: 5
+            })
+        ));
+        match s.submit("version: 1\njobs:\n  - name: a\n    model: demo\n    prompts: [x]\n    seeds: [1]\n    steps: 0\n", "spec") {
+            Err(ApiError::Invalid(m)) => assert!(m[0].starts_with("spec:7:") && m[0].contains("steps"), "{m:?}"),
+            other => panic!("{other:?}"),
+        }
+        s.submit(&spec("[9]"), "spec").unwrap();
+        assert_eq!(s.lock().queued_images(), 3);
+
+        // Cancelling frees the room and ends the job.
+        let v = s.cancel(&a.id).unwrap();
+        assert_eq!(v["state"], "cancelled");
+        assert!(v["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["status"] == "cancelled"));
+        assert_eq!(s.lock().queued_images(), 1);
+        let (files, _) = JobFile::load_all(&root);
+        assert_eq!(
+            files.iter().find(|f| f.id == a.id).map(|f| f.state),
+            Some(JobState::Cancelled)
+        );
+        assert!(matches!(s.job_view("../x"), Err(ApiError::NotFound(_))));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn draining_refuses_work_and_a_restart_resumes_it() {
+        let (s, root) = shared("drain", 10);
+        assert!(!s.ready(), "not ready before the worker is up");
+        s.lock().worker_up = true;
+        assert!(s.ready());
+        let a = s.submit(&spec("[1, 2]"), "spec").unwrap();
+        s.drain();
+        assert!(!s.ready());
+        assert_eq!(
+            s.submit(&spec("[3]"), "spec").unwrap_err(),
+            ApiError::Draining
+        );
+        drop(s);
+
+        let s2 = shared_at(&root, 10);
+        assert!(s2.resume().is_empty());
+        let g = s2.lock();
+        assert_eq!(g.jobs[&a.id].state, JobState::Queued);
+        assert_eq!(g.tasks.iter().map(|t| t.indices.len()).sum::<usize>(), 2);
+        drop(g);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
