@@ -270,26 +270,108 @@ pub fn try_image_key(req: &ImageRequest, ctx: &KeyContext) -> Result<String, Cac
     encode(req, ctx, true)
 }
 
+/// A model as keys see it: its weights' combined digest and the dtype it computes in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelKeyInfo {
+    pub digest: String,
+    pub dtype: Precision,
+}
+
+/// Keys of every request (on all cores), with contexts built from each model's digest and
+/// dtype by name (base and refiner alike). Fails, naming it, when a model or init image that a
+/// request uses has no digest.
+pub fn request_keys(
+    requests: &[ImageRequest],
+    models: &BTreeMap<String, ModelKeyInfo>,
+    device: DeviceKind,
+    safety: &SafetyKey,
+    init_image_digests: &BTreeMap<PathBuf, String>,
+) -> Result<Vec<String>, CacheError> {
+    let model = |name: &str| {
+        models
+            .get(name)
+            .ok_or_else(|| CacheError::Key(format!("no weight digest for model '{name}'")))
+    };
+    let mut ids: BTreeMap<(&str, Option<&str>), usize> = BTreeMap::new();
+    let mut contexts: Vec<KeyContext> = Vec::new();
+    let mut which: Vec<usize> = Vec::with_capacity(requests.len());
+    for r in requests {
+        let refiner = r.params.refiner.as_ref().map(|x| x.model.as_str());
+        if let Some(p) = &r.params.init_image {
+            if !init_image_digests.contains_key(p) {
+                return Err(CacheError::Key(format!(
+                    "no digest for init image {}",
+                    p.display()
+                )));
+            }
+        }
+        if let Some(&id) = ids.get(&(r.model.as_str(), refiner)) {
+            which.push(id);
+            continue;
+        }
+        let base = model(&r.model)?;
+        let (refiner_digest, refiner_dtype) = match refiner {
+            Some(name) => {
+                let m = model(name)?;
+                (Some(m.digest.clone()), Some(m.dtype))
+            }
+            None => (None, None),
+        };
+        let ctx = KeyContext {
+            model_digest: base.digest.clone(),
+            refiner_digest,
+            dtype: base.dtype,
+            refiner_dtype,
+            device,
+            safety: safety.clone(),
+            init_image_digests: init_image_digests.clone(),
+        };
+        ids.insert((r.model.as_str(), refiner), contexts.len());
+        which.push(contexts.len());
+        contexts.push(ctx);
+    }
+    // Every digest is present, so the lenient encoding equals the strict one.
+    Ok(par_keys(requests, |i, r| image_key(r, &contexts[which[i]])))
+}
+
 /// Keys of many requests, computed on all cores; `ctx_for` gives each request's context.
 pub fn image_keys<'c, F>(requests: &[ImageRequest], ctx_for: F) -> Vec<String>
 where
     F: Fn(&ImageRequest) -> &'c KeyContext + Sync,
+{
+    par_keys(requests, |_, r| image_key(r, ctx_for(r)))
+}
+
+/// Maps `(index, request)` to a key on all cores, keeping the order.
+fn par_keys<F>(requests: &[ImageRequest], key: F) -> Vec<String>
+where
+    F: Fn(usize, &ImageRequest) -> String + Sync,
 {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(64);
     if threads <= 1 || requests.len() < 4096 {
-        return requests.iter().map(|r| image_key(r, ctx_for(r))).collect();
+        return requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| key(i, r))
+            .collect();
     }
     let chunk = requests.len().div_ceil(threads);
     let mut out: Vec<Vec<String>> = Vec::new();
     std::thread::scope(|s| {
         let handles: Vec<_> = requests
             .chunks(chunk)
-            .map(|part| {
-                let f = &ctx_for;
-                s.spawn(move || part.iter().map(|r| image_key(r, f(r))).collect::<Vec<_>>())
+            .enumerate()
+            .map(|(c, part)| {
+                let f = &key;
+                s.spawn(move || {
+                    part.iter()
+                        .enumerate()
+                        .map(|(j, r)| f(c * chunk + j, r))
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
         for h in handles {
@@ -475,6 +557,48 @@ mod tests {
         off2.safety.action = SafetyAction::Drop;
         off2.safety.threshold_adjust = 1.0;
         assert_eq!(image_key(&req(), &off1), image_key(&req(), &off2));
+    }
+
+    #[test]
+    fn request_keys_by_model_name() {
+        let info = |d: &str| ModelKeyInfo {
+            digest: d.repeat(32),
+            dtype: Precision::F32,
+        };
+        let models: BTreeMap<String, ModelKeyInfo> =
+            [("m".to_string(), info("aa")), ("r".to_string(), info("bb"))]
+                .into_iter()
+                .collect();
+        let mut with_ref = req();
+        with_ref.params.refiner = Some(RefinerStage {
+            model: "r".into(),
+            switch_at: 0.8,
+        });
+        let reqs = vec![req(), with_ref.clone()];
+        let safety = ctx().safety;
+        let none = BTreeMap::new();
+        let keys = request_keys(&reqs, &models, DeviceKind::Cpu, &safety, &none).unwrap();
+        assert_eq!(keys[0], image_key(&req(), &ctx()));
+        assert_eq!(keys[1], try_image_key(&with_ref, &ctx()).unwrap());
+        // Many requests, two contexts interleaved: the parallel path keeps each one's context.
+        let many: Vec<ImageRequest> = (0..6000u64)
+            .map(|i| {
+                let mut r = if i % 3 == 0 { with_ref.clone() } else { req() };
+                r.seed = i;
+                r
+            })
+            .collect();
+        let par = request_keys(&many, &models, DeviceKind::Cpu, &safety, &none).unwrap();
+        for (r, k) in many.iter().zip(&par) {
+            assert_eq!(&image_key(r, &ctx()), k);
+        }
+        let mut unknown = req();
+        unknown.model = "zz".into();
+        let err = request_keys(&[unknown], &models, DeviceKind::Cpu, &safety, &none).unwrap_err();
+        assert!(err.to_string().contains("'zz'"), "{err}");
+        let mut i2i = req();
+        i2i.params.init_image = Some("/i.png".into());
+        assert!(request_keys(&[i2i], &models, DeviceKind::Cpu, &safety, &none).is_err());
     }
 
     #[test]

@@ -15,7 +15,8 @@ pub mod store;
 
 pub use digest::{digest_folder, digest_model, DigestIndex, ModelDigest};
 pub use key::{
-    image_key, image_keys, try_image_key, DeviceKind, KeyContext, SafetyKey, KEY_FORMAT,
+    image_key, image_keys, request_keys, try_image_key, DeviceKind, KeyContext, ModelKeyInfo,
+    SafetyKey, KEY_FORMAT,
 };
 pub use store::{KeyLock, Store};
 

@@ -17,7 +17,7 @@ use super::{sha256_bytes, sha256_file, sync_dir, write_atomic, CacheError};
 use crate::output::{ImageStatus, ManifestRecord};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 
@@ -175,7 +175,12 @@ impl Store {
         let mut st = lock_state(&self.state);
         for path in paths {
             let offset = st.offsets.get(&path).copied().unwrap_or(0);
-            let mut f = File::open(&path).map_err(|e| CacheError::io(&path, e))?;
+            let mut f = match File::open(&path) {
+                Ok(f) => f,
+                // Removed since it was listed: nothing to read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(CacheError::io(&path, e)),
+            };
             let len = f.metadata().map_err(|e| CacheError::io(&path, e))?.len();
             // A manifest that shrank was rewritten: read it again from the start.
             let offset = if len < offset { 0 } else { offset };
@@ -184,38 +189,37 @@ impl Store {
             }
             f.seek(SeekFrom::Start(offset))
                 .map_err(|e| CacheError::io(&path, e))?;
-            let mut buf = Vec::with_capacity((len - offset) as usize);
-            f.read_to_end(&mut buf)
-                .map_err(|e| CacheError::io(&path, e))?;
-            let mut consumed = 0usize;
-            let mut start = 0usize;
-            while start < buf.len() {
-                let (line, complete) = match buf[start..].iter().position(|&b| b == b'\n') {
-                    Some(n) => (&buf[start..start + n], true),
-                    None => (&buf[start..], false),
-                };
-                let next = start + line.len() + complete as usize;
+            // Stream line by line: a manifest of a million images need not fit in memory twice.
+            let mut reader = BufReader::with_capacity(1 << 20, f);
+            let mut line = Vec::new();
+            let mut consumed = offset;
+            loop {
+                line.clear();
+                let n = reader
+                    .read_until(b'\n', &mut line)
+                    .map_err(|e| CacheError::io(&path, e))?;
+                if n == 0 {
+                    break;
+                }
+                let complete = line.last() == Some(&b'\n');
                 let trimmed = line.trim_ascii();
                 if !trimmed.is_empty() {
                     match serde_json::from_slice::<ManifestRecord>(trimmed) {
                         Ok(rec) => {
                             st.records.insert(rec.key.clone(), rec);
-                            consumed = next;
                         }
-                        // An incomplete last line may still be being written: read it again later.
+                        // An incomplete last line may still be being written (or a crash cut
+                        // it): read it again next time; an append completes it as a bad line.
                         Err(_) if !complete => break,
                         Err(e) => {
                             st.bad_lines += 1;
                             tracing::warn!("{}: skipping a bad manifest line: {e}", path.display());
-                            consumed = next;
                         }
                     }
-                } else {
-                    consumed = next;
                 }
-                start = next;
+                consumed += n as u64;
             }
-            st.offsets.insert(path, offset + consumed as u64);
+            st.offsets.insert(path, consumed);
         }
         Ok(())
     }

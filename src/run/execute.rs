@@ -13,7 +13,7 @@ use super::events::{Event, Reporter, Summary};
 use super::pool::ModelPool;
 use super::RunError;
 use crate::cache::{DeviceKind, KeyLock};
-use crate::engine::pipeline::{Conditioning, GenerateRequest, LoadOptions, Pipeline, StartFrom};
+use crate::engine::pipeline::{Conditioning, GenerateRequest, LoadOptions, StartFrom};
 use crate::engine::safety::{RgbImage, SafetyChecker, SafetyVerdict};
 use crate::engine::EngineError;
 use crate::output::{self, ImageStatus, ManifestRecord, SafetyRecord};
@@ -205,14 +205,14 @@ impl<'a> Executor<'a> {
                 let e = self.per_model.entry(stage.model.clone()).or_default();
                 e.0 += seconds;
                 e.1 += idx.len();
-                let steps = crate::plan::stage_steps(r, stage.role);
+                let steps = crate::plan::render::stage_steps(r, stage.role);
                 let pixels = r.params.width as u64 * r.params.height as u64;
                 self.rates.record(&stage.model, seconds, idx.len(), steps, pixels);
             }
             // A base pass whose latents wait for the refiner.
             Ok(None) => {
                 let r = &self.campaign.requests[idx[0]];
-                let steps = crate::plan::stage_steps(r, stage.role);
+                let steps = crate::plan::render::stage_steps(r, stage.role);
                 let pixels = r.params.width as u64 * r.params.height as u64;
                 self.rates.record(&stage.model, seconds, idx.len(), steps, pixels);
             }

@@ -77,7 +77,7 @@ fn machine_config(spec: &Path, config: Option<&Path>) -> Result<Option<MachineCo
 
 /// Chooses the device: the flag, else the config, else auto (the best this build supports).
 fn device_kind(flag: Option<&str>, config: Option<&MachineConfig>) -> Result<DeviceKind, RunError> {
-    let asked = flag.map(str::to_string).or_else(|| config.map(|c| c.device.clone())).unwrap_or_else(|| "auto".into());
+    let asked = flag.map(str::to_string).or_else(|| config.map(|c| c.device.as_str().to_string())).unwrap_or_else(|| "auto".into());
     match asked.as_str() {
         "cpu" => Ok(DeviceKind::Cpu),
         "cuda" => Ok(DeviceKind::Cuda),
@@ -126,7 +126,7 @@ fn make_plan(c: &Campaign, shard: Shard) -> Plan {
     for (name, m) in &c.models {
         sizes.insert(name.clone(), ModelSizes::weights_size(&m.dir));
     }
-    plan_shard(&c.requests, &c.keys, &cached, c.spec.memory_budget, &sizes, shard)
+    plan_shard(&c.requests, &c.keys, &cached, &c.spec, &sizes, shard)
 }
 
 fn report_error(e: &RunError) -> u8 {
