@@ -172,20 +172,34 @@ pub fn campaign_status(c: &Campaign, other_keys: &[Vec<String>], shard_counts: &
             *d |= hit;
         }
     }
-    let failed_key = |k: &str| store.record(k).is_some_and(|r| r.status == ImageStatus::Failed);
+    let failed_key = |k: &str| {
+        store
+            .record(k)
+            .is_some_and(|r| r.status == ImageStatus::Failed)
+    };
 
     // Requests whose model is not on this machine: match records by parameters.
     let unresolved: BTreeSet<&str> = c
         .requests
         .iter()
-        .flat_map(|r| std::iter::once(r.model.as_str()).chain(r.params.refiner.as_ref().map(|x| x.model.as_str())))
+        .flat_map(|r| {
+            std::iter::once(r.model.as_str())
+                .chain(r.params.refiner.as_ref().map(|x| x.model.as_str()))
+        })
         .filter(|m| !c.models.contains_key(*m))
         .collect();
     let mut by_identity: HashMap<String, Vec<ManifestRecord>> = HashMap::new();
     if !unresolved.is_empty() {
         for rec in store.records() {
             if unresolved.contains(rec.model.as_str()) {
-                let id = identity(&rec.job, &rec.model, &rec.prompt, &rec.negative_prompt, rec.seed, &rec.grid);
+                let id = identity(
+                    &rec.job,
+                    &rec.model,
+                    &rec.prompt,
+                    &rec.negative_prompt,
+                    rec.seed,
+                    &rec.grid,
+                );
                 by_identity.entry(id).or_default().push(rec);
             }
         }
@@ -198,12 +212,26 @@ pub fn campaign_status(c: &Campaign, other_keys: &[Vec<String>], shard_counts: &
             if done[i] {
                 return ImageState::Done;
             }
-            let key_failed = std::iter::once(&c.keys[i]).chain(other_keys.iter().filter_map(|k| k.get(i))).any(|k| failed_key(k));
-            let needs_match = unresolved.contains(r.model.as_str()) || r.params.refiner.as_ref().is_some_and(|x| unresolved.contains(x.model.as_str()));
+            let key_failed = std::iter::once(&c.keys[i])
+                .chain(other_keys.iter().filter_map(|k| k.get(i)))
+                .any(|k| failed_key(k));
+            let needs_match = unresolved.contains(r.model.as_str())
+                || r.params
+                    .refiner
+                    .as_ref()
+                    .is_some_and(|x| unresolved.contains(x.model.as_str()));
             if needs_match {
-                let id = identity(&r.job, &r.model, &r.prompt, &r.params.negative_prompt, r.seed, &r.grid_point);
+                let id = identity(
+                    &r.job,
+                    &r.model,
+                    &r.prompt,
+                    &r.params.negative_prompt,
+                    r.seed,
+                    &r.grid_point,
+                );
                 let recs = by_identity.get(&id).map(Vec::as_slice).unwrap_or_default();
-                let matching: Vec<&ManifestRecord> = recs.iter().filter(|rec| record_matches(rec, r)).collect();
+                let matching: Vec<&ManifestRecord> =
+                    recs.iter().filter(|rec| record_matches(rec, r)).collect();
                 if matching.iter().any(|rec| store.lookup(&rec.key).is_some()) {
                     return ImageState::Done;
                 }
@@ -221,8 +249,19 @@ pub fn campaign_status(c: &Campaign, other_keys: &[Vec<String>], shard_counts: &
         .collect();
 
     let mut total = Counts::default();
-    let mut jobs: Vec<(String, Counts)> = c.spec.jobs.iter().map(|j| (j.name.clone(), Counts::default())).collect();
-    let job_pos: BTreeMap<&str, usize> = c.spec.jobs.iter().enumerate().map(|(i, j)| (j.name.as_str(), i)).collect();
+    let mut jobs: Vec<(String, Counts)> = c
+        .spec
+        .jobs
+        .iter()
+        .map(|j| (j.name.clone(), Counts::default()))
+        .collect();
+    let job_pos: BTreeMap<&str, usize> = c
+        .spec
+        .jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| (j.name.as_str(), i))
+        .collect();
     for (r, s) in c.requests.iter().zip(&states) {
         total.add(*s);
         match job_pos.get(r.job.as_str()) {
@@ -255,7 +294,13 @@ pub fn campaign_status(c: &Campaign, other_keys: &[Vec<String>], shard_counts: &
         for (k, counts) in per.into_iter().enumerate() {
             let manifest = Store::shard_manifest_name(k, n);
             let records = count_records(&store.root().join(&manifest));
-            shards.push(ShardStatus { index: k, count: n, counts, manifest, records });
+            shards.push(ShardStatus {
+                index: k,
+                count: n,
+                counts,
+                manifest,
+                records,
+            });
         }
     }
     Status {
@@ -274,7 +319,11 @@ impl Status {
     pub fn to_json(&self) -> serde_json::Value {
         let mut v = self.total.to_json();
         v["output"] = serde_json::json!(self.output.display().to_string());
-        let jobs: serde_json::Map<String, serde_json::Value> = self.jobs.iter().map(|(j, c)| (j.clone(), c.to_json())).collect();
+        let jobs: serde_json::Map<String, serde_json::Value> = self
+            .jobs
+            .iter()
+            .map(|(j, c)| (j.clone(), c.to_json()))
+            .collect();
         v["jobs"] = serde_json::Value::Object(jobs);
         v["shards"] = self
             .shards
@@ -324,8 +373,17 @@ impl Status {
                 let _ = writeln!(out, "shards (N={}):", s.count);
                 last = s.count;
             }
-            let started = if s.records > 0 { format!("{} ({} records)", s.manifest, s.records) } else { "not started".to_string() };
-            let _ = writeln!(out, "  {:>7}  {}  {started}", format!("{}/{}", s.index, s.count), line(&s.counts));
+            let started = if s.records > 0 {
+                format!("{} ({} records)", s.manifest, s.records)
+            } else {
+                "not started".to_string()
+            };
+            let _ = writeln!(
+                out,
+                "  {:>7}  {}  {started}",
+                format!("{}/{}", s.index, s.count),
+                line(&s.counts)
+            );
         }
         out
     }
@@ -334,9 +392,16 @@ impl Status {
 /// `sd-run status SPEC [--json] [--shards N]`: prepares the campaign without the network, looks
 /// its images up under the keys of every device kind, prints the status. `device` is the kind
 /// whose keys come first (the others are tried too).
-pub fn status(spec_path: &Path, device: DeviceKind, shards: Option<usize>, json: bool) -> Result<(), RunError> {
+pub fn status(
+    spec_path: &Path,
+    device: DeviceKind,
+    shards: Option<usize>,
+    json: bool,
+) -> Result<(), RunError> {
     if shards == Some(0) {
-        return Err(RunError::Usage("--shards 0: the shard count must be at least 1".into()));
+        return Err(RunError::Usage(
+            "--shards 0: the shard count must be at least 1".into(),
+        ));
     }
     let c = Campaign::prepare(spec_path, device, Fetch::LocalOnly)?;
     let mut other_keys = Vec::new();
@@ -369,16 +434,34 @@ mod tests {
 
     #[test]
     fn shard_manifest_names() {
-        assert_eq!(parse_shard_manifest_name("shard-0-of-3.jsonl"), Some((0, 3)));
-        assert_eq!(parse_shard_manifest_name("shard-12-of-16.jsonl"), Some((12, 16)));
-        for bad in ["shard-3-of-3.jsonl", "shard--of-3.jsonl", "shard-a-of-3.jsonl", "shard-1-of-3.json", "x-1-of-3.jsonl", "shard-1-of-+3.jsonl"] {
+        assert_eq!(
+            parse_shard_manifest_name("shard-0-of-3.jsonl"),
+            Some((0, 3))
+        );
+        assert_eq!(
+            parse_shard_manifest_name("shard-12-of-16.jsonl"),
+            Some((12, 16))
+        );
+        for bad in [
+            "shard-3-of-3.jsonl",
+            "shard--of-3.jsonl",
+            "shard-a-of-3.jsonl",
+            "shard-1-of-3.json",
+            "x-1-of-3.jsonl",
+            "shard-1-of-+3.jsonl",
+        ] {
             assert_eq!(parse_shard_manifest_name(bad), None, "{bad}");
         }
         let root = std::env::temp_dir().join(format!("sd-run-status-names-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         assert!(shard_counts_in(&root).is_empty());
         std::fs::create_dir_all(root.join(MANIFEST_DIR)).unwrap();
-        for name in ["shard-0-of-4.jsonl", "shard-3-of-4.jsonl", "shard-1-of-2.jsonl", "notes.txt"] {
+        for name in [
+            "shard-0-of-4.jsonl",
+            "shard-3-of-4.jsonl",
+            "shard-1-of-2.jsonl",
+            "notes.txt",
+        ] {
             std::fs::write(root.join(MANIFEST_DIR).join(name), b"").unwrap();
         }
         assert_eq!(shard_counts_in(&root), vec![2, 4]);
@@ -439,10 +522,22 @@ mod tests {
     #[test]
     fn counts() {
         let mut c = Counts::default();
-        for s in [ImageState::Done, ImageState::Failed, ImageState::Missing, ImageState::Done] {
+        for s in [
+            ImageState::Done,
+            ImageState::Failed,
+            ImageState::Missing,
+            ImageState::Done,
+        ] {
             c.add(s);
         }
-        assert_eq!(c, Counts { images: 4, done: 2, failed: 1 });
+        assert_eq!(
+            c,
+            Counts {
+                images: 4,
+                done: 2,
+                failed: 1
+            }
+        );
         assert_eq!(c.missing(), 2);
         assert_eq!(c.to_json()["missing"], 2);
     }
