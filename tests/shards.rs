@@ -258,16 +258,13 @@ fn three_shards_at_once_one_killed_and_rerun() {
         3,
         "N read from manifest.d: {st}"
     );
-    for k in 0..3 {
+    for (k, &size) in sizes.iter().enumerate() {
         let e = shard_entry(&st, k, 3);
-        assert_eq!(e["images"], sizes[k]);
-        let done = if k == 1 { landed as u64 } else { sizes[k] };
+        assert_eq!(e["images"], size);
+        let done = if k == 1 { landed as u64 } else { size };
         assert_eq!(e["done"], done, "shard {k}");
-        assert_eq!(e["missing"].as_u64().unwrap(), sizes[k] - done);
-        assert_eq!(
-            e["records"].as_u64().unwrap(),
-            if k == 1 { landed as u64 } else { sizes[k] }
-        );
+        assert_eq!(e["missing"].as_u64().unwrap(), size - done);
+        assert_eq!(e["records"].as_u64().unwrap(), done);
     }
 
     // The scheduler retries index 1 (`--shard auto`, as a Kubernetes Indexed Job would): it
@@ -295,11 +292,11 @@ fn three_shards_at_once_one_killed_and_rerun() {
     );
     assert_eq!(st["jobs"]["shapes"]["done"], 24);
     assert_eq!(st["jobs"]["sweep"]["done"], 24);
-    for k in 0..3 {
+    for (k, &size) in sizes.iter().enumerate() {
         let e = shard_entry(&st, k, 3);
         assert_eq!(
             (e["done"].as_u64(), e["missing"].as_u64()),
-            (Some(sizes[k]), Some(0))
+            (Some(size), Some(0))
         );
     }
     // A rerun of the whole campaign makes nothing.
@@ -383,7 +380,8 @@ fn shard_auto_reads_kubernetes_and_slurm_environments() {
     let auto_plan = |env: &[(&str, &str)], flag: &str| {
         json(&run(&dir, &["plan", s, "--json", "--shard", flag], env))
     };
-    let cases: [(&[(&str, &str)], &str, usize); 4] = [
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Env, &str, usize); 4] = [
         (
             &[("JOB_COMPLETION_INDEX", "2"), ("SD_RUN_SHARD_COUNT", "4")],
             "auto",
@@ -436,7 +434,7 @@ fn shard_auto_reads_kubernetes_and_slurm_environments() {
         .collect();
     assert_eq!(names, want);
     // Missing or inconsistent variables are command-line errors (exit 2), nothing runs.
-    let bad: [(&[(&str, &str)], &str); 4] = [
+    let bad: [(Env, &str); 4] = [
         (&[], "auto"),
         (&[("JOB_COMPLETION_INDEX", "1")], "auto"),
         (
