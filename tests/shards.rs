@@ -731,37 +731,96 @@ fn slurm_array_script_is_valid_and_runs_its_shard() {
     let (lo, hi): (u64, u64) = (lo.parse().unwrap(), hi.parse().unwrap());
     assert!(hi > lo);
 
-    // Run it as array task 1 of 2 would run, on the CPU, with the real binary on PATH.
+    // Run it as array task 4 (first ID 3, 2 tasks) runs: shard 1/2, on the CPU, with the real
+    // binary on PATH and a stand-in `scontrol` that records its arguments.
     let dir = temp_dir("slurm");
-    let spec = write_spec(&dir, SMALL, None);
-    let bin_dir = Path::new(BIN).parent().unwrap();
-    let mut c = Command::new("bash");
-    c.arg(&script)
-        .current_dir(&dir)
-        .env("SD_RUN_CACHE", dir.join("cache"));
-    for v in SCHEDULER_VARS {
-        c.env_remove(v);
+    let spec = write_spec(&dir, BIG, None);
+    let out = dir.join("out");
+    let fake = dir.join("fake-bin");
+    std::fs::create_dir_all(&fake).unwrap();
+    std::fs::write(
+        fake.join("scontrol"),
+        "#!/bin/sh\necho \"$@\" >> \"$SCONTROL_LOG\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        fake.join("scontrol"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        fake.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let task = || {
+        let mut c = Command::new("bash");
+        c.arg(&script)
+            .current_dir(&dir)
+            .env("SD_RUN_CACHE", dir.join("cache"));
+        for v in SCHEDULER_VARS {
+            c.env_remove(v);
+        }
+        c.env("SPEC", &spec)
+            .env("PATH", &path)
+            .env("SCONTROL_LOG", dir.join("scontrol.log"))
+            .env("SD_RUN_BIN", Path::new(BIN).parent().unwrap())
+            .env("SD_RUN_DEVICE", "cpu")
+            .env("HF_HOME", dir.join("hf"))
+            .env("SLURM_ARRAY_JOB_ID", "77")
+            .env("SLURM_ARRAY_TASK_ID", "4")
+            .env("SLURM_ARRAY_TASK_MIN", "3")
+            .env("SLURM_ARRAY_TASK_COUNT", "2")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let want = plan(&dir, &spec, "1/2")["images"].as_u64().unwrap();
+    // The time limit nears (Slurm sends SIGUSR1 to the batch shell): sd-run stops after its
+    // batch, the task requeues itself and exits 0.
+    let child = task().spawn().unwrap();
+    let started = Instant::now();
+    while shard_records(&out, 1, 2) < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the task made nothing"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
-    let o = c
-        .env("SPEC", &spec)
-        .env("SD_RUN_BIN", bin_dir)
-        .env("SD_RUN_DEVICE", "cpu")
-        .env("HF_HOME", dir.join("hf"))
-        .env("SLURM_ARRAY_JOB_ID", "77")
-        .env("SLURM_ARRAY_TASK_ID", "4")
-        .env("SLURM_ARRAY_TASK_MIN", "3")
-        .env("SLURM_ARRAY_TASK_COUNT", "2")
-        .output()
+    let usr1 = Command::new("kill")
+        .args(["-USR1", &child.id().to_string()])
+        .status()
         .unwrap();
+    assert!(usr1.success());
+    let o = child.wait_with_output().unwrap();
     assert!(
         o.status.success(),
         "{}\n{}",
         text(&o.stdout),
         text(&o.stderr)
     );
-    let want = plan(&dir, &spec, "1/2")["images"].as_u64().unwrap();
-    assert_eq!(shard_records(&dir.join("out"), 1, 2) as u64, want);
-    assert!(!dir.join("out/manifest.d/shard-0-of-2.jsonl").exists());
+    assert!(
+        text(&o.stderr).contains("requeueing"),
+        "{}",
+        text(&o.stderr)
+    );
+    let log = std::fs::read_to_string(dir.join("scontrol.log")).expect("scontrol was called");
+    assert_eq!(log.trim(), "requeue 77_4");
+    assert!(summary(&o)["interrupted"] == true, "{}", text(&o.stdout));
+    let first = shard_records(&out, 1, 2) as u64;
+    assert!(first < want, "stopped mid-way: {first} of {want}");
+    // The requeued task finishes the shard, making only what is missing.
+    let o = task().output().unwrap();
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    assert_eq!(summary(&o)["made"].as_u64().unwrap(), want - first);
+    assert_eq!(shard_records(&out, 1, 2) as u64, want);
+    assert!(!out.join("manifest.d/shard-0-of-2.jsonl").exists());
     // Not an array task: refused.
     let mut c = Command::new("bash");
     c.arg(&script).current_dir(&dir);
