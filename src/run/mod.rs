@@ -186,7 +186,7 @@ pub fn run_command(opts: &RunOptions) -> u8 {
                 eprintln!("\ninterrupted again: stopping now; images already written are kept");
                 std::process::exit(130);
             }
-            eprintln!("\ninterrupt: finishing the current batch (press Ctrl-C again to stop at once)");
+            eprintln!("\ninterrupt: finishing the current batch, then stopping; run the same command again to make the rest (Ctrl-C again stops at once)");
         });
     }
     let go = || -> Result<u8, RunError> {
