@@ -37,6 +37,9 @@ enum Command {
         spec: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Report shards K/N for this N (default: every N found in manifest.d/).
+        #[arg(long)]
+        shards: Option<usize>,
     },
 }
 
@@ -97,7 +100,7 @@ fn main() -> ExitCode {
         }
         Command::Plan { spec, json, shard, machine } => run::plan_command(&spec, machine.config.as_deref(), shard.as_deref(), json),
         Command::Validate { spec } => run::validate_command(&spec),
-        Command::Status { spec, json } => run::status_command(&spec, json),
+        Command::Status { spec, json, shards } => run::status_command(&spec, json, shards),
     };
     ExitCode::from(code)
 }
