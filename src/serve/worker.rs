@@ -33,19 +33,62 @@ pub fn spawn(
         .spawn(move || run(&shared, resident))
 }
 
+/// Marks the worker down however its thread ends.
+struct Down<'a>(&'a Shared);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        self.0.lock().worker_up = false;
+    }
+}
+
 fn run(shared: &Shared, mut resident: Resident) {
+    let _down = Down(shared);
     let mut loaded_as: LoadedAs = HashMap::new();
     while let Some((task, campaign, interrupt)) = next_task(shared, &resident, &loaded_as) {
-        resident = run_task(
-            shared,
-            &task,
-            &campaign,
-            interrupt,
-            resident,
-            &mut loaded_as,
-        );
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_task(
+                shared,
+                &task,
+                &campaign,
+                interrupt.clone(),
+                resident,
+                &mut loaded_as,
+            )
+        }));
+        resident = match outcome {
+            Ok(r) => r,
+            Err(panic) => {
+                // A bug, not bad input: fail the task's images, start afresh, keep serving.
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into());
+                let error = format!("internal error: {what}");
+                eprintln!("sd-run serve: job {}: {error}", task.job);
+                for &i in &task.indices {
+                    settle(
+                        shared,
+                        &task.job,
+                        &campaign.keys[i],
+                        ImageState::Failed,
+                        None,
+                        Some(&error),
+                    );
+                }
+                finish_task(shared, &task, &campaign, &interrupt);
+                loaded_as.clear();
+                match Resident::new(shared.settings.device, shared.settings.memory_budget) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("sd-run serve: the worker cannot go on: {e}");
+                        return;
+                    }
+                }
+            }
+        };
     }
-    shared.lock().worker_up = false;
 }
 
 /// Waits for a task and takes it (None when the server drains).
