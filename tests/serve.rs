@@ -735,92 +735,128 @@ fn waiting_work_on_the_loaded_checkpoint_goes_first() {
 }
 
 /// Many concurrent clients submitting and polling while the worker is busy: every accepted job
-/// finishes, nothing is lost or made twice, refusals are 429 only. Prints the figures.
+/// finishes, nothing is lost or made twice (half the clients resubmit the same seeds), refusals
+/// are 429 only. Prints the figures.
 #[test]
 #[ignore]
 fn load_test() {
     const CLIENTS: usize = 16;
     const SUBMIT_SECONDS: u64 = 20;
+    struct Client {
+        accepted: Vec<(String, String)>,
+        refused: usize,
+        submits: Vec<Duration>,
+        polls: Vec<Duration>,
+    }
     let dir = temp_dir("load");
     let config = write_config(&dir, "queue_limit = 24");
     let server = Server::start(&config, &dir.join("cache"));
     let port = server.port;
     let started = Instant::now();
-    let results: Vec<(Vec<String>, usize, Vec<Duration>, usize)> = std::thread::scope(|s| {
+    let clients: Vec<Client> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..CLIENTS)
             .map(|c| {
                 s.spawn(move || {
-                    let mut accepted = Vec::new();
-                    let mut refused = 0;
-                    let mut polls = Vec::new();
-                    let mut requests = 0;
+                    let mut me = Client {
+                        accepted: vec![],
+                        refused: 0,
+                        submits: vec![],
+                        polls: vec![],
+                    };
                     let mut n = 0u64;
                     while started.elapsed() < Duration::from_secs(SUBMIT_SECONDS) {
                         n += 1;
-                        let seed = c as u64 * 1_000_000 + n;
-                        let r = post(
-                            port,
-                            "/v1/jobs",
-                            &spec(
-                                2,
-                                1,
-                                &["a white circle on a black background"],
-                                &format!("[{seed}]"),
-                            ),
+                        // Even clients share seeds: the same content from many clients.
+                        let seed = if c % 2 == 0 {
+                            n % 64
+                        } else {
+                            c as u64 * 1_000_000 + n
+                        };
+                        let body = spec(
+                            2,
+                            1,
+                            &["a white circle on a black background"],
+                            &format!("[{seed}]"),
                         );
-                        requests += 1;
+                        let t = Instant::now();
+                        let r = post(port, "/v1/jobs", &body);
+                        me.submits.push(t.elapsed());
                         match r.status {
-                            202 => accepted.push(r.json()["id"].as_str().unwrap().to_string()),
+                            202 => {
+                                let v = r.json();
+                                let key = v["keys"][0].as_str().unwrap().to_string();
+                                me.accepted
+                                    .push((v["id"].as_str().unwrap().to_string(), key));
+                            }
                             429 => {
                                 assert!(r.headers.contains_key("retry-after"));
-                                refused += 1;
+                                me.refused += 1;
                             }
                             other => panic!(
                                 "refusals must be 429, got {other}: {}",
                                 String::from_utf8_lossy(&r.body)
                             ),
                         }
-                        for id in accepted.iter().rev().take(4) {
+                        for (id, _) in me.accepted.iter().rev().take(4) {
                             let t = Instant::now();
                             let r = get(port, &format!("/v1/jobs/{id}"));
-                            polls.push(t.elapsed());
-                            requests += 1;
+                            me.polls.push(t.elapsed());
                             assert_eq!(r.status, 200);
                         }
                     }
-                    (accepted, refused, polls, requests)
+                    me
                 })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let elapsed = started.elapsed().as_secs_f64();
-    let accepted: Vec<String> = results.iter().flat_map(|r| r.0.clone()).collect();
-    let refused: usize = results.iter().map(|r| r.1).sum();
-    let requests: usize = results.iter().map(|r| r.3).sum();
-    let mut polls: Vec<Duration> = results.iter().flat_map(|r| r.2.clone()).collect();
-    polls.sort();
-    let p = |q: f64| polls[((polls.len() as f64 * q) as usize).min(polls.len() - 1)];
+    let accepted: Vec<(String, String)> = clients.iter().flat_map(|c| c.accepted.clone()).collect();
+    let refused: usize = clients.iter().map(|c| c.refused).sum();
+    let pct = |mut v: Vec<Duration>, q: f64| {
+        v.sort();
+        v[((v.len() as f64 * q) as usize).min(v.len() - 1)].as_secs_f64() * 1e3
+    };
+    let polls: Vec<Duration> = clients.iter().flat_map(|c| c.polls.clone()).collect();
+    let submits: Vec<Duration> = clients.iter().flat_map(|c| c.submits.clone()).collect();
+    let requests = polls.len() + submits.len();
     // Every accepted job finishes.
-    for id in &accepted {
+    for (id, _) in &accepted {
         let v = poll_until(port, id, Duration::from_secs(600), finished);
         assert_eq!(v["state"], "done", "{v}");
     }
     let drained = started.elapsed().as_secs_f64();
     let keys = manifest_keys(&dir.join("store"));
+    let distinct: HashSet<&String> = accepted.iter().map(|(_, k)| k).collect();
     assert_eq!(
+        keys.iter().collect::<HashSet<_>>().len(),
         keys.len(),
-        accepted.len(),
-        "each accepted image made exactly once"
+        "nothing made twice"
     );
-    assert_eq!(keys.iter().collect::<HashSet<_>>().len(), keys.len());
+    assert_eq!(
+        keys.iter().collect::<HashSet<_>>(),
+        distinct,
+        "every accepted image made"
+    );
+    let metrics = String::from_utf8(get(port, "/metrics").body).unwrap();
+    let cached = metrics
+        .lines()
+        .find(|l| l.starts_with("sdrun_images_cached_total"))
+        .unwrap_or("")
+        .to_string();
     println!(
-        "load: {CLIENTS} clients for {elapsed:.1}s: {requests} requests ({:.0}/s) while the worker was busy; {} jobs accepted, {refused} refused (429); status polls: {} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; queue drained after {drained:.1}s",
+        "load: {CLIENTS} clients, {elapsed:.1}s: {requests} requests ({:.0}/s) while the worker was busy: {} submissions ({:.0}/s; {} accepted, {refused} refused with 429; p50 {:.2} ms, p99 {:.2} ms), {} status polls ({:.0}/s; p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms); {} images made once each ({cached}); queue drained after {drained:.1}s",
         requests as f64 / elapsed,
+        submits.len(),
+        submits.len() as f64 / elapsed,
         accepted.len(),
+        pct(submits.clone(), 0.5),
+        pct(submits, 0.99),
         polls.len(),
-        p(0.5).as_secs_f64() * 1e3,
-        p(0.99).as_secs_f64() * 1e3,
-        p(1.0).as_secs_f64() * 1e3,
+        polls.len() as f64 / elapsed,
+        pct(polls.clone(), 0.5),
+        pct(polls.clone(), 0.99),
+        pct(polls, 1.0),
+        keys.len(),
     );
 }

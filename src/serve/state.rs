@@ -337,13 +337,25 @@ impl Shared {
         let (files, mut problems) = JobFile::load_all(&self.settings.store_root);
         for f in files {
             if f.state.is_terminal() {
+                // A job cancelled while its batch ran may have been cut short before its last write.
+                let images = f
+                    .images
+                    .iter()
+                    .map(|s| {
+                        if s.is_pending() {
+                            ImageState::Cancelled
+                        } else {
+                            *s
+                        }
+                    })
+                    .collect();
                 let entry = JobEntry {
                     id: f.id.clone(),
                     created: f.created,
                     state: f.state,
                     campaign: None,
                     keys: f.keys,
-                    images: f.images,
+                    images,
                     withheld: f.withheld.into_iter().collect(),
                     errors: f.errors,
                     cached: f.cached,
@@ -461,15 +473,19 @@ impl Shared {
             }
         }
         let out = view(j);
-        let file = (!running_here).then(|| g.snapshot_of(id)).flatten();
+        // Written under the lock (cancels are rare) so that the worker's final write, if the
+        // running task ends later, is the last one.
+        if let Some(f) = g.snapshot_of(id) {
+            if let Err(e) = f.save(&self.settings.store_root) {
+                return Err(ApiError::Internal(format!(
+                    "cannot write the job file: {e}"
+                )));
+            }
+        }
         if !running_here {
             if let Some(j) = g.jobs.get_mut(id) {
                 j.campaign = None;
             }
-        }
-        drop(g);
-        if let Some(f) = file {
-            let _ = f.save(&self.settings.store_root);
         }
         Ok(out)
     }
