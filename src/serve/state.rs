@@ -117,6 +117,8 @@ pub struct Accepted {
     pub cached: usize,
     pub keys: Vec<String>,
     pub state: JobState,
+    /// What the client should know (a model without a safety checker, CPU computing in f32).
+    pub warnings: Vec<String>,
 }
 
 impl Accepted {
@@ -129,6 +131,7 @@ impl Accepted {
             "cached": self.cached,
             "keys": self.keys,
             "url": format!("/v1/jobs/{}", self.id),
+            "warnings": self.warnings,
         })
     }
 }
@@ -324,6 +327,7 @@ impl Shared {
             cached: prepared.cached,
             keys: campaign.keys.clone(),
             state,
+            warnings: campaign.warnings.clone(),
         };
         g.insert(id, created, Arc::new(campaign), prepared);
         drop(g);

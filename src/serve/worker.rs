@@ -45,7 +45,7 @@ impl Drop for Down<'_> {
 fn run(shared: &Shared, mut resident: Resident) {
     let _down = Down(shared);
     let mut loaded_as: LoadedAs = HashMap::new();
-    while let Some((task, campaign, interrupt)) = next_task(shared, &resident, &loaded_as) {
+    while let Some((task, campaign, interrupt)) = next_task(shared, &resident) {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             run_task(
                 shared,
@@ -95,7 +95,6 @@ fn run(shared: &Shared, mut resident: Resident) {
 fn next_task(
     shared: &Shared,
     resident: &Resident,
-    loaded_as: &LoadedAs,
 ) -> Option<(Task, Arc<Campaign>, Arc<AtomicBool>)> {
     let mut g = shared.lock();
     loop {
@@ -115,19 +114,7 @@ fn next_task(
                 passed_over: t.passed_over,
             })
             .collect();
-        let loaded = |m: &str| {
-            resident.pool.is_loaded(m)
-                && g.tasks
-                    .iter()
-                    .find(|t| t.model == m)
-                    .and_then(|t| g.jobs.get(&t.job))
-                    .and_then(|j| j.campaign.as_ref())
-                    .is_some_and(|c| {
-                        loaded_as
-                            .get(m)
-                            .is_some_and(|(d, _)| c.spec.models.get(m) == Some(d))
-                    })
-        };
+        let loaded = |m: &str| resident.pool.is_loaded(m);
         let i = pick(&view, loaded, shared.settings.policy).unwrap_or(0);
         for older in &mut g.tasks[..i] {
             older.passed_over += 1;
