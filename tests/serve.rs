@@ -683,6 +683,46 @@ fn sigterm_mid_batch_parks_the_rest_and_a_restart_finishes() {
     assert_eq!(keys.iter().collect::<HashSet<_>>().len(), 6);
 }
 
+/// The safety stage's verdicts reach the client: a quarantined image has no URL and is not
+/// served, now or when the same content is asked for again.
+#[test]
+fn quarantined_images_are_withheld() {
+    let dir = temp_dir("quarantine");
+    let config = write_config(&dir, "");
+    let server = Server::start(&config, &dir.join("cache"));
+    let port = server.port;
+    let body = "version: 1\ndefaults:\n  steps: 10\n  guidance: 6\n  size: 64x64\nsafety:\n  checker: model\n  action: quarantine\njobs:\n  - name: red\n    model: demo\n    prompts: [\"a red square on a green background\"]\n    seeds: [5]\n  - name: clean\n    model: demo\n    prompts: [\"a yellow circle on a blue background\"]\n    seeds: [5]\n";
+    for round in 0..2 {
+        let r = post(port, "/v1/jobs", body);
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["cached"], json!(round * 2));
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        let v = poll_until(port, &id, Duration::from_secs(120), finished);
+        assert_eq!(v["state"], "done", "{v}");
+        let (red, clean) = (&v["images"][0], &v["images"][1]);
+        assert_eq!(
+            (red["status"].clone(), red["url"].clone()),
+            (json!("flagged"), Value::Null),
+            "{v}"
+        );
+        assert_eq!(clean["status"], "ok", "{v}");
+        assert_eq!(get(port, clean["url"].as_str().unwrap()).status, 200);
+        let r = get(
+            port,
+            &format!("/v1/images/{}", red["key"].as_str().unwrap()),
+        );
+        assert_eq!(
+            (r.status, r.json()["error"].clone()),
+            (403, json!("forbidden"))
+        );
+    }
+    let metrics = String::from_utf8(get(port, "/metrics").body).unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "sdrun_images_flagged_total 1"),
+        "{metrics}"
+    );
+}
+
 /// With room for one checkpoint, waiting work on the loaded one goes first: A (demo) runs, B
 /// (demo2) and C (demo) wait; C goes before B, so each checkpoint loads once.
 #[test]
