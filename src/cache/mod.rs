@@ -111,7 +111,7 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// Writes `bytes` to `path` atomically: a unique temp file in the same folder, fsync, rename,
 /// fsync of the folder. Creates the folder when missing.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     use std::io::Write;
     let dir = path
         .parent()

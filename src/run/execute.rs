@@ -505,14 +505,11 @@ impl<'a> Executor<'a> {
     }
 }
 
-/// Saves one image's latents atomically (temp file, rename).
+/// Saves one image's latents atomically (unique temp file in the same folder, fsync, rename).
 fn save_latents(file: &Path, latents: &Tensor) -> Result<(), EngineError> {
-    let dir = file.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::Load { file: dir.to_path_buf(), message: e.to_string() })?;
-    let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
-    candle_core::safetensors::save(&BTreeMap::from([("latents".to_string(), latents.clone())]).into_iter().collect(), &tmp)?;
-    std::fs::rename(&tmp, file).map_err(|e| EngineError::Load { file: file.to_path_buf(), message: e.to_string() })?;
-    Ok(())
+    let bytes = safetensors::serialize([("latents", latents)], None)
+        .map_err(|e| EngineError::Load { file: file.to_path_buf(), message: e.to_string() })?;
+    crate::cache::write_atomic(file, &bytes).map_err(|e| EngineError::Load { file: file.to_path_buf(), message: e.to_string() })
 }
 
 fn load_latents(file: &Path, device: &Device) -> Result<Tensor, EngineError> {
