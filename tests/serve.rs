@@ -17,22 +17,26 @@ use std::time::{Duration, Instant};
 fn bin() -> &'static Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
-        let to = std::env::temp_dir().join(format!("sd-run-serve-bin-{}", std::process::id()));
+        let tmp = std::env::temp_dir();
+        // Copies left by earlier runs (an hour old) go.
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with("sd-run-serve-bin-")
+                && old.is_some_and(|d| d > Duration::from_secs(3600))
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let to = tmp.join(format!("sd-run-serve-bin-{}", std::process::id()));
         std::fs::copy(env!("CARGO_BIN_EXE_sd-run"), &to).unwrap();
         to
     })
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A fresh temp folder for one test.
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sd-run-serve-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// Writes `sd-run.toml` for the demo model with `server` lines added to `[server]`.
