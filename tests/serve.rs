@@ -39,6 +39,18 @@ fn bin() -> &'static Path {
     })
 }
 
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh temp folder for one test.
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sd-run-serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// Writes `sd-run.toml` for the demo model with `server` lines added to `[server]`.
 fn write_config(dir: &Path, server: &str) -> PathBuf {
     write_config_with(dir, "", server, &["demo"])
