@@ -16,7 +16,7 @@ use crate::cache::DeviceKind;
 use crate::plan::{plan_shard, ModelSizes, Plan, Rates, Shard};
 use crate::spec::{self, MachineConfig, SpecErrors};
 use campaign::{Campaign, Fetch};
-use events::{Event, Reporter};
+use events::Event;
 
 /// Why a command could not run.
 #[derive(Debug, thiserror::Error)]
@@ -242,11 +242,4 @@ pub fn status_command(spec_path: &Path, json: bool, shards: Option<usize>) -> u8
         Ok(()) => 0,
         Err(e) => report_error(&e),
     }
-}
-
-/// Sends events nowhere (for library callers that do not watch progress).
-pub struct Quiet;
-
-impl Reporter for Quiet {
-    fn event(&mut self, _: &Event) {}
 }
