@@ -82,8 +82,10 @@ impl Campaign {
             }
             let dir = match hub::resolve(&decl.source, decl.dtype, &hub_opts) {
                 Ok(dir) => dir,
-                Err(e) if fetch == Fetch::LocalOnly => {
-                    warnings.push(format!("model {name}: not on this machine yet ({e}); its images count as to make"));
+                Err(_) if fetch == Fetch::LocalOnly => {
+                    warnings.push(format!(
+                        "model {name}: not on this machine yet (`sd-run run` downloads it); its images count as to make"
+                    ));
                     continue;
                 }
                 Err(e) => return Err(RunError::Model { model: name.clone(), message: e.to_string() }),
