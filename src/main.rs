@@ -37,6 +37,24 @@ enum Command {
         spec: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Report shards K/N for this N (default: every N found in manifest.d/).
+        #[arg(long)]
+        shards: Option<usize>,
+    },
+    /// Serve the engine over HTTP: jobs in, images out, from one queue and one worker.
+    Serve {
+        /// Listen address (default: the config's `server.addr`, else 127.0.0.1:7860).
+        #[arg(long)]
+        addr: Option<String>,
+        /// Machine settings: models, store, limits (default: ./sd-run.toml if present).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// cpu | cuda | metal (default: the config's `device`, else auto).
+        #[arg(long)]
+        device: Option<String>,
+        /// On SIGTERM, how long to wait for the current batch before exiting anyway.
+        #[arg(long, default_value_t = 60)]
+        drain_seconds: u64,
     },
 }
 
@@ -67,7 +85,7 @@ struct RunArgs {
 }
 
 /// Subcommand names; anything else in first position is taken as a spec path (`sd-run SPEC`).
-const COMMANDS: [&str; 5] = ["run", "plan", "validate", "status", "help"];
+const COMMANDS: [&str; 6] = ["run", "plan", "validate", "status", "serve", "help"];
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().collect();
@@ -97,7 +115,10 @@ fn main() -> ExitCode {
         }
         Command::Plan { spec, json, shard, machine } => run::plan_command(&spec, machine.config.as_deref(), shard.as_deref(), json),
         Command::Validate { spec } => run::validate_command(&spec),
-        Command::Status { spec, json } => run::status_command(&spec, json),
+        Command::Status { spec, json, shards } => run::status_command(&spec, json, shards),
+        Command::Serve { addr, config, device, drain_seconds } => {
+            sd_run::serve::serve_command(&sd_run::serve::ServeOptions { addr, config, device, drain_seconds })
+        }
     };
     ExitCode::from(code)
 }

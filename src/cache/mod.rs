@@ -111,10 +111,8 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// Writes `bytes` to `path` atomically: a unique temp file in the same folder, fsync, rename,
 /// fsync of the folder. Creates the folder when missing.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     use std::io::Write;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -127,7 +125,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> 
     let tmp = dir.join(format!(
         ".{name}.tmp-{}-{}",
         std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
+        temp_sequence()
     ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| CacheError::io(&tmp, e))?;
@@ -144,9 +142,50 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> 
     result
 }
 
+/// A number for temp file names, unique within this process and, by its random start, across
+/// processes on other machines or in other containers that share the folder (where pids repeat:
+/// every pod's sd-run may be pid 1).
+fn temp_sequence() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        h.write_u128(now);
+        h.write_u32(std::process::id());
+        h.finish() >> 1
+    });
+    base.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
 /// Flushes a folder's entries to disk (best effort: not every platform can open a folder).
 pub(crate) fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod temp_name_tests {
+    use super::*;
+
+    #[test]
+    fn temp_sequence_is_unique_and_write_atomic_leaves_no_temp_file() {
+        let a = temp_sequence();
+        let b = temp_sequence();
+        assert_ne!(a, b);
+        let dir = std::env::temp_dir().join(format!("sd-run-atomic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = dir.join("report.html");
+        write_atomic(&file, b"one").unwrap();
+        write_atomic(&file, b"two").unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -332,8 +332,9 @@ impl Store {
         Ok((rel, sha256_bytes(png)))
     }
 
-    /// Appends one record to the manifest: one line, one `O_APPEND` write, fsync; lines of
-    /// concurrent writers never interleave. Starts on a fresh line when a crash left the file
+    /// Appends one record to the manifest: one line, one `O_APPEND` write under an exclusive
+    /// lock of the file, fsync; lines of concurrent writers (processes, or machines sharing the
+    /// folder over NFS) never interleave or overwrite each other. Starts on a fresh line when a crash left the file
     /// without a final newline.
     pub fn append_manifest(&self, record: &ManifestRecord) -> Result<(), CacheError> {
         let path = self.manifest_path();
@@ -350,6 +351,10 @@ impl Store {
             .create(true)
             .open(&path)
             .map_err(|e| CacheError::io(&path, e))?;
+        // Writers of one manifest (two copies of one shard) take turns: on NFS, O_APPEND alone
+        // does not stop two clients from writing at the same offset; a lock makes the client
+        // revalidate the size first. Released when `f` closes.
+        fs4::fs_std::FileExt::lock_exclusive(&f).map_err(|e| CacheError::io(&path, e))?;
         let len = f.metadata().map_err(|e| CacheError::io(&path, e))?.len();
         if len > 0 {
             let mut last = [0u8; 1];
@@ -647,6 +652,36 @@ mod tests {
         let r4 = make(&store, &k4, b"four");
         assert!(other.lookup(&k4).is_none());
         assert_eq!(other.lookup_fresh(&k4).unwrap(), Some(r4));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_manifest_keep_every_line() {
+        let root = tmpdir("appenders");
+        let threads: Vec<_> = (0..6u32)
+            .map(|t| {
+                let root = root.clone();
+                std::thread::spawn(move || {
+                    let store = Store::open(&root)
+                        .unwrap()
+                        .with_manifest_name(Store::shard_manifest_name(0, 2));
+                    for i in 0..40 {
+                        let k = key(t * 1000 + i);
+                        store
+                            .append_manifest(&record(&k, None, None, ImageStatus::Flagged))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let store = Store::open(&root).unwrap();
+        assert_eq!(store.records().len(), 240);
+        assert_eq!(store.bad_lines(), 0);
+        let text = std::fs::read_to_string(root.join("manifest.d/shard-0-of-2.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 240);
         std::fs::remove_dir_all(&root).unwrap();
     }
 

@@ -151,8 +151,12 @@ impl Pipeline {
         let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
         let (device, dtype) = (opts.device.clone(), opts.dtype);
         let mut text = Vec::new();
-        let has_te1 = index.text_encoder.as_ref().is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| a.first().is_some_and(|x| !x.is_null())));
-        if has_te1 && dir.join("text_encoder").is_dir() {
+        // `"text_encoder": [null, null]` in model_index.json (the SDXL refiner) means none.
+        let te1_declared = index
+            .text_encoder
+            .as_ref()
+            .is_none_or(|v| v.as_array().is_some_and(|a| a.iter().any(|x| !x.is_null())));
+        if te1_declared && dir.join("text_encoder").is_dir() {
             text.push(TextStack {
                 tokenizer: ClipTokenizer::load(&dir.join("tokenizer"))?,
                 encoder: TextEncoder::load(&dir.join("text_encoder"), &device, dtype)?,

@@ -82,15 +82,18 @@ impl Campaign {
             }
             let dir = match hub::resolve(&decl.source, decl.dtype, &hub_opts) {
                 Ok(dir) => dir,
-                Err(e) if fetch == Fetch::LocalOnly => {
-                    warnings.push(format!("model {name}: not on this machine yet ({e}); its images count as to make"));
+                Err(_) if fetch == Fetch::LocalOnly => {
+                    warnings.push(format!(
+                        "model {name}: not on this machine yet (`sd-run run` downloads it); its images count as to make"
+                    ));
                     continue;
                 }
                 Err(e) => return Err(RunError::Model { model: name.clone(), message: e.to_string() }),
             };
             let digest = digest_model(&dir, &index).map_err(|e| RunError::Model { model: name.clone(), message: e.to_string() })?;
-            if device == DeviceKind::Cpu && (decl.memory.flash_attention || decl.memory.offload == Offload::Model) {
-                warnings.push(format!("model {name}: flash_attention and offload do not apply on CPU; ignored"));
+            if decl.memory.flash_attention || decl.memory.offload == Offload::Model {
+                let why = if device == DeviceKind::Cpu { "do not apply on CPU" } else { "are not implemented yet" };
+                warnings.push(format!("model {name}: memory.flash_attention and memory.offload {why}; ignored"));
             }
             if device == DeviceKind::Cpu && decl.dtype != Precision::F32 {
                 warnings.push(format!("model {name}: dtype {:?} asked, CPU computes in f32", decl.dtype).to_lowercase());

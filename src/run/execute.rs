@@ -52,6 +52,34 @@ pub struct Executor<'a> {
     summary: Summary,
     rates: Rates,
     per_model: BTreeMap<String, (f64, usize)>,
+    /// Keep models loaded when the plan is done with them (serve mode).
+    keep_models: bool,
+}
+
+/// What serve mode keeps between runs: the device, the loaded models (within the memory budget)
+/// and the loaded safety checkers.
+pub struct Resident {
+    pub device: Device,
+    pub pool: ModelPool,
+    checkers: HashMap<String, SafetyChecker>,
+}
+
+impl Resident {
+    /// Nothing loaded yet, on `kind`, models bounded by `budget` bytes.
+    pub fn new(kind: DeviceKind, budget: Option<u64>) -> Result<Self, RunError> {
+        Ok(Self { device: candle_device(kind)?, pool: ModelPool::new(budget), checkers: HashMap::new() })
+    }
+
+    /// Unloads a model and its safety checker (its declaration changed).
+    pub fn forget(&mut self, model: &str) {
+        self.pool.release(model);
+        self.checkers.remove(model);
+    }
+
+    /// Unloads a model's safety checker only (the checker folder changed).
+    pub fn forget_checker(&mut self, model: &str) {
+        self.checkers.remove(model);
+    }
 }
 
 /// Where base latents wait for the refiner (content-keyed, so a crash between the stages keeps
@@ -78,11 +106,40 @@ impl<'a> Executor<'a> {
             summary: Summary::default(),
             rates,
             per_model: BTreeMap::new(),
+            keep_models: false,
         })
+    }
+
+    /// An executor that reuses (and keeps) `resident`'s device, models and safety checkers.
+    pub fn with_resident(campaign: &'a Campaign, reporter: &'a mut dyn Reporter, interrupt: Arc<AtomicBool>, resident: Resident) -> Self {
+        Self {
+            campaign,
+            device: resident.device,
+            pool: resident.pool,
+            checkers: resident.checkers,
+            embeddings: HashMap::new(),
+            handoff: HashMap::new(),
+            reporter,
+            interrupt,
+            summary: Summary::default(),
+            rates: Rates::load(&campaign.spec.output).unwrap_or_default(),
+            per_model: BTreeMap::new(),
+            keep_models: true,
+        }
+    }
+
+    /// Runs `plan` and hands back what stays loaded for the next one.
+    pub fn run_resident(mut self, plan: &Plan) -> (Summary, Resident) {
+        let summary = self.run_plan(plan);
+        (summary, Resident { device: self.device, pool: self.pool, checkers: self.checkers })
     }
 
     /// Runs every stage of `plan`; returns the summary.
     pub fn run(mut self, plan: &Plan) -> Summary {
+        self.run_plan(plan)
+    }
+
+    fn run_plan(&mut self, plan: &Plan) -> Summary {
         let started = Instant::now();
         self.summary.cached = plan.cached;
         for (si, stage) in plan.stages.iter().enumerate() {
@@ -101,7 +158,7 @@ impl<'a> Executor<'a> {
                 }
             }
             let later = plan.stages[si + 1..].iter().any(|s| s.model == stage.model);
-            if !later {
+            if !later && !self.keep_models {
                 self.pool.release(&stage.model);
                 self.embeddings.retain(|k, _| k.0 != stage.model);
             }
@@ -114,7 +171,7 @@ impl<'a> Executor<'a> {
             }
         }
         let _ = self.rates.save(&self.campaign.spec.output);
-        self.summary
+        std::mem::take(&mut self.summary)
     }
 
     fn load_options(&self, model: &str) -> LoadOptions {
@@ -448,14 +505,11 @@ impl<'a> Executor<'a> {
     }
 }
 
-/// Saves one image's latents atomically (temp file, rename).
+/// Saves one image's latents atomically (unique temp file in the same folder, fsync, rename).
 fn save_latents(file: &Path, latents: &Tensor) -> Result<(), EngineError> {
-    let dir = file.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::Load { file: dir.to_path_buf(), message: e.to_string() })?;
-    let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
-    candle_core::safetensors::save(&BTreeMap::from([("latents".to_string(), latents.clone())]).into_iter().collect(), &tmp)?;
-    std::fs::rename(&tmp, file).map_err(|e| EngineError::Load { file: file.to_path_buf(), message: e.to_string() })?;
-    Ok(())
+    let bytes = safetensors::serialize([("latents", latents)], None)
+        .map_err(|e| EngineError::Load { file: file.to_path_buf(), message: e.to_string() })?;
+    crate::cache::write_atomic(file, &bytes).map_err(|e| EngineError::Load { file: file.to_path_buf(), message: e.to_string() })
 }
 
 fn load_latents(file: &Path, device: &Device) -> Result<Tensor, EngineError> {

@@ -54,14 +54,14 @@ pub fn write_gallery(c: &Campaign) -> Result<Vec<String>, String> {
         let png = encode_rgb_png(sheet.width, sheet.height, &sheet.rgb).map_err(|e| e.to_string())?;
         let rel = format!("sheets/{}.png", job.name);
         let path = c.store.root().join(&rel);
-        std::fs::create_dir_all(path.parent().unwrap_or(c.store.root())).map_err(|e| e.to_string())?;
-        std::fs::write(&path, png).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Atomic (temp file + rename): shards of one campaign write these at the same time.
+        crate::cache::write_atomic(&path, &png).map_err(|e| e.to_string())?;
         sheets.push((job.name.clone(), rel.clone()));
         written.push(rel);
     }
     let html = report_html(&records, &sheets);
     let path = c.store.root().join("report.html");
-    std::fs::write(&path, html).map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::cache::write_atomic(&path, html.as_bytes()).map_err(|e| e.to_string())?;
     written.push("report.html".into());
     Ok(written)
 }

@@ -6,6 +6,7 @@ pub mod events;
 pub mod execute;
 pub mod gallery;
 pub mod pool;
+pub mod status;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +16,7 @@ use crate::cache::DeviceKind;
 use crate::plan::{plan_shard, ModelSizes, Plan, Rates, Shard};
 use crate::spec::{self, MachineConfig, SpecErrors};
 use campaign::{Campaign, Fetch};
-use events::{Event, Reporter};
+use events::Event;
 
 /// Why a command could not run.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +76,7 @@ fn machine_config(spec: &Path, config: Option<&Path>) -> Result<Option<MachineCo
 }
 
 /// Chooses the device: the flag, else the config, else auto (the best this build supports).
-fn device_kind(flag: Option<&str>, config: Option<&MachineConfig>) -> Result<DeviceKind, RunError> {
+pub fn device_kind(flag: Option<&str>, config: Option<&MachineConfig>) -> Result<DeviceKind, RunError> {
     let asked = flag.map(str::to_string).or_else(|| config.map(|c| c.device.as_str().to_string())).unwrap_or_else(|| "auto".into());
     match asked.as_str() {
         "cpu" => Ok(DeviceKind::Cpu),
@@ -229,39 +230,16 @@ pub fn run_command(opts: &RunOptions) -> u8 {
     }
 }
 
-/// `sd-run status SPEC`: how much of the campaign exists, per job and per shard.
-pub fn status_command(spec_path: &Path, json: bool) -> u8 {
+/// `sd-run status SPEC [--json] [--shards N]`: how much of the campaign exists, per job and per
+/// shard (for N, else for every N found in `manifest.d/`), from the store alone.
+pub fn status_command(spec_path: &Path, json: bool, shards: Option<usize>) -> u8 {
     let go = || -> Result<(), RunError> {
-        let c = Campaign::prepare(spec_path, DeviceKind::Cpu, Fetch::LocalOnly)?;
-        let cached = c.cached();
-        let mut jobs: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
-        for (r, hit) in c.requests.iter().zip(&cached) {
-            let e = jobs.entry(r.job.as_str()).or_default();
-            e.0 += usize::from(*hit);
-            e.1 += 1;
-        }
-        let done = cached.iter().filter(|h| **h).count();
-        if json {
-            let per: serde_json::Map<String, serde_json::Value> =
-                jobs.iter().map(|(j, (d, t))| (j.to_string(), serde_json::json!({"done": d, "images": t}))).collect();
-            println!("{}", serde_json::json!({"images": c.requests.len(), "done": done, "jobs": per}));
-        } else {
-            println!("{done}/{} images made", c.requests.len());
-            for (j, (d, t)) in &jobs {
-                println!("  {j}: {d}/{t}");
-            }
-        }
-        Ok(())
+        let mc = machine_config(spec_path, None)?;
+        let device = device_kind(None, mc.as_ref())?;
+        status::status(spec_path, device, shards, json)
     };
     match go() {
         Ok(()) => 0,
         Err(e) => report_error(&e),
     }
-}
-
-/// Sends events nowhere (for library callers that do not watch progress).
-pub struct Quiet;
-
-impl Reporter for Quiet {
-    fn event(&mut self, _: &Event) {}
 }

@@ -2,7 +2,7 @@
 //! evicted (least recently used first) when the memory budget needs room.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use crate::engine::pipeline::{LoadOptions, Pipeline};
@@ -19,8 +19,6 @@ pub struct ModelPool {
     entries: HashMap<String, Entry>,
     budget: Option<u64>,
     clock: u64,
-    /// How many times each model was loaded.
-    pub loads: HashMap<String, usize>,
 }
 
 /// The resident size of a model: the total size of its weight files.
@@ -44,7 +42,7 @@ pub fn model_bytes(dir: &Path) -> u64 {
 impl ModelPool {
     /// An empty pool; `budget` in bytes (None: keep everything loaded).
     pub fn new(budget: Option<u64>) -> Self {
-        Self { entries: HashMap::new(), budget, clock: 0, loads: HashMap::new() }
+        Self { entries: HashMap::new(), budget, clock: 0 }
     }
 
     /// Whether `name` is loaded now.
@@ -72,7 +70,6 @@ impl ModelPool {
             let started = Instant::now();
             let pipeline = Pipeline::load(dir, opts)?;
             seconds = started.elapsed().as_secs_f64();
-            *self.loads.entry(name.to_string()).or_default() += 1;
             self.entries.insert(name.to_string(), Entry { pipeline, bytes, last_used: clock });
         }
         let entry = self.entries.get_mut(name).ok_or_else(|| EngineError::Other(format!("model {name} not loaded")))?;
@@ -98,10 +95,5 @@ impl ModelPool {
                 self.entries.remove(&k);
             }
         }
-    }
-
-    /// The folders of loaded models (for diagnostics).
-    pub fn loaded(&self) -> Vec<PathBuf> {
-        self.entries.values().map(|e| e.pipeline.dir().to_path_buf()).collect()
     }
 }
