@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod hub;
+pub mod ops;
 pub mod pipeline;
 pub mod rng;
 pub mod safety;

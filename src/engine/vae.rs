@@ -2,10 +2,11 @@
 //! (image → latents, for img2img), with every shape read from `vae/config.json`.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+use super::ops::{conv2d, group_norm, Conv2d, GroupNorm};
 use super::unet::blocks::{
     Activation, Attention, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
 };
@@ -215,7 +216,7 @@ impl Encoder {
             }
         }
         x = self.mid.forward(&x)?;
-        x = self.act.apply(&self.norm_out.forward(&x)?)?;
+        x = self.act.after_norm(&self.norm_out, &x)?;
         self.conv_out.forward(&x)
     }
 }
@@ -284,7 +285,7 @@ impl Decoder {
                 x = u.forward(&x, None)?;
             }
         }
-        x = self.act.apply(&self.norm_out.forward(&x)?)?;
+        x = self.act.after_norm(&self.norm_out, &x)?;
         self.conv_out.forward(&x)
     }
 }

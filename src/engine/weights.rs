@@ -46,12 +46,42 @@ impl SimpleBackend for Backend {
             .tensors
             .load(name, dev)
             .map_err(|_| self.error(name, "missing"))?;
+        if let Ok(view) = self.tensors.get(name) {
+            release_pages(view.data());
+        }
         t.to_dtype(dtype).map_err(|e| self.error(name, e))
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.tensors.get(name).is_ok()
     }
+}
+
+/// Drops the mapped file pages of a tensor that has just been copied out of the mapping, so
+/// that the process does not hold each checkpoint twice (the copy and the mapped pages) while
+/// it loads: peak memory is the weights plus one tensor, not twice the weights. The pages stay
+/// in the page cache; a later read of the mapping faults them back in from there.
+fn release_pages(data: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        extern "C" {
+            fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+        }
+        const MADV_DONTNEED: i32 = 4;
+        const PAGE: usize = 4096;
+        let start = (data.as_ptr() as usize).div_ceil(PAGE) * PAGE;
+        let end = (data.as_ptr() as usize + data.len()) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: [start, end) lies inside this read-only private file mapping, which stays
+            // mapped; MADV_DONTNEED on such a mapping only drops pages that are re-read from the
+            // file on the next access, so no data is lost or changed.
+            unsafe {
+                madvise(start as *mut std::ffi::c_void, end - start, MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = data;
 }
 
 /// Opens `file` (a `.safetensors`) as a `VarBuilder` on `device` in `dtype`.
@@ -116,4 +146,33 @@ pub fn read_json<T: serde::de::DeserializeOwned>(file: &Path) -> Result<T, Engin
         file: file.to_path_buf(),
         message: format!("bad JSON: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_read_again_after_their_pages_are_released() {
+        let dir = std::env::temp_dir().join(format!("sd-run-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("w.safetensors");
+        // Several pages each, so whole pages are released.
+        let a: Vec<f32> = (0..20_000).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..5_000).map(|i| -(i as f32)).collect();
+        let ta = Tensor::from_vec(a.clone(), (100, 200), &Device::Cpu).unwrap();
+        let tb = Tensor::from_vec(b.clone(), 5_000, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(
+            &[("a".to_string(), ta), ("b".to_string(), tb)].into_iter().collect(),
+            &file,
+        )
+        .unwrap();
+        let vb = open(&file, DType::F32, &Device::Cpu).unwrap();
+        for _ in 0..2 {
+            let got = vb.get((100, 200), "a").unwrap().flatten_all().unwrap();
+            assert_eq!(got.to_vec1::<f32>().unwrap(), a);
+            assert_eq!(vb.get(5_000, "b").unwrap().to_vec1::<f32>().unwrap(), b);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

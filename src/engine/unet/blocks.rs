@@ -4,10 +4,9 @@
 //! with its `TimestepEmbedding`.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, GroupNorm, LayerNorm,
-    Linear, VarBuilder,
-};
+use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
+
+use crate::engine::ops::{self, conv2d, group_norm, linear, linear_b, Conv2d, GroupNorm, Linear};
 
 /// An activation function named by a diffusers config (`act_fn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +30,14 @@ impl Activation {
             "relu" => Some(Self::Relu),
             "mish" => Some(Self::Mish),
             _ => None,
+        }
+    }
+
+    /// `act(norm(xs))`, fused into one pass for SiLU.
+    pub fn after_norm(&self, norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => norm.forward_silu(xs),
+            _ => self.apply(&norm.forward(xs)?),
         }
     }
 
@@ -134,7 +141,7 @@ impl ResnetBlock2D {
 
     /// Runs the block on `xs` (NCHW) with the optional time embedding `temb` (B, T).
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.act.apply(&self.norm1.forward(xs)?)?;
+        let mut h = self.act.after_norm(&self.norm1, xs)?;
         h = self.conv1.forward(&h)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj
@@ -143,13 +150,12 @@ impl ResnetBlock2D {
                 .unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        h = self.act.apply(&self.norm2.forward(&h)?)?;
-        h = self.conv2.forward(&h)?;
+        h = self.act.after_norm(&self.norm2, &h)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = self.conv2.forward_add(&h, &shortcut)?;
         if self.output_scale_factor != 1.0 {
             out / self.output_scale_factor
         } else {
@@ -297,14 +303,40 @@ impl Attention {
         context: Option<&Tensor>,
         slice: Option<usize>,
     ) -> Result<Tensor> {
+        self.forward_residual(xs, context, slice, None)
+    }
+
+    /// [`Attention::forward`] plus `residual` (B, N, query_dim), added by the output projection.
+    pub fn forward_residual(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        slice: Option<usize>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let project = |out: &Tensor| match residual {
+            Some(r) => self.to_out.forward_add(out, r),
+            None => self.to_out.forward(out),
+        };
         let ctx = context.unwrap_or(xs);
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
+        let (q, k, v) = (
+            self.to_q.forward(xs)?,
+            self.to_k.forward(ctx)?,
+            self.to_v.forward(ctx)?,
+        );
+        // On the CPU in f32: blocked attention, never the full score matrix (slicing moot).
+        if let Some(out) = ops::attention(&q, &k, &v, self.heads, self.scale)? {
+            return project(&out);
+        }
+        let (q, k, v) = (
+            self.split_heads(&q)?,
+            self.split_heads(&k)?,
+            self.split_heads(&v)?,
+        );
         let out = attention(&q, &k, &v, self.scale, slice)?;
         let (b, h, n, d) = out.dims4()?;
         let out = out.transpose(1, 2)?.reshape((b, n, h * d))?;
-        self.to_out.forward(&out)
+        project(&out)
     }
 }
 
@@ -325,12 +357,10 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let a = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?;
-        self.out.forward(&(a * gate.gelu_erf()?)?)
+    /// `out(geglu(proj(xs))) + residual`.
+    fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = ops::geglu(&self.proj.forward(xs)?)?;
+        self.out.forward_add(&h, residual)
     }
 }
 
@@ -373,12 +403,16 @@ impl BasicTransformerBlock {
         } else {
             None
         };
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, ctx1, slice)? + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context), slice)?
-            + &xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + &xs
+        let xs = self
+            .attn1
+            .forward_residual(&self.norm1.forward(xs)?, ctx1, slice, Some(xs))?;
+        let xs = self.attn2.forward_residual(
+            &self.norm2.forward(&xs)?,
+            Some(context),
+            slice,
+            Some(&xs),
+        )?;
+        self.ff.forward_add(&self.norm3.forward(&xs)?, &xs)
     }
 }
 
@@ -477,11 +511,11 @@ impl Transformer2D {
                 .contiguous()
         };
         let out = match &self.proj_out {
-            Proj::Conv(p) => p.forward(&from_seq(hs)?)?,
-            Proj::Linear(p) => from_seq(p.forward(&hs)?)?,
+            Proj::Conv(p) => p.forward_add(&from_seq(hs)?, residual)?,
+            Proj::Linear(p) => (from_seq(p.forward(&hs)?)? + residual)?,
         };
         debug_assert_eq!(out.dim(1)?, c);
-        out + residual
+        Ok(out)
     }
 }
 

@@ -5,9 +5,10 @@ pub mod blocks;
 pub mod config;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use std::path::Path;
 
+use crate::engine::ops::{conv2d, group_norm, Conv2d, GroupNorm};
 use crate::engine::{weights, EngineError};
 use blocks::{
     Activation, Downsample2D, ResnetBlock2D, ResnetConfig, TimestepEmbedding, Transformer2D,
@@ -437,7 +438,7 @@ impl UNet {
             }
         }
 
-        x = self.act.apply(&self.conv_norm_out.forward(&x)?)?;
+        x = self.act.after_norm(&self.conv_norm_out, &x)?;
         self.conv_out.forward(&x)?.to_dtype(in_dtype)
     }
 }
