@@ -163,7 +163,9 @@ mod tests {
         let ta = Tensor::from_vec(a.clone(), (100, 200), &Device::Cpu).unwrap();
         let tb = Tensor::from_vec(b.clone(), 5_000, &Device::Cpu).unwrap();
         candle_core::safetensors::save(
-            &[("a".to_string(), ta), ("b".to_string(), tb)].into_iter().collect(),
+            &[("a".to_string(), ta), ("b".to_string(), tb)]
+                .into_iter()
+                .collect(),
             &file,
         )
         .unwrap();
