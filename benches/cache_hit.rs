@@ -29,7 +29,9 @@ fn small_png(i: usize) -> Vec<u8> {
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         let mut w = enc.write_header().expect("png header");
-        let data: Vec<u8> = (0..8 * 8 * 3).map(|j| ((i * 31 + j * 7) % 251) as u8).collect();
+        let data: Vec<u8> = (0..8 * 8 * 3)
+            .map(|j| ((i * 31 + j * 7) % 251) as u8)
+            .collect();
         w.write_image_data(&data).expect("png data");
     }
     out
@@ -66,7 +68,12 @@ fn rerun(spec: &Path) -> (Duration, Duration, Duration, usize) {
     let plan = plan_with(&c.requests, &c.keys, &cached, &c.spec, &sizes);
     let t_plan = t.elapsed();
     assert_eq!(plan.to_make, 0, "every image is cached");
-    (t_prepare, t_cached, t_plan, cached.iter().filter(|h| **h).count())
+    (
+        t_prepare,
+        t_cached,
+        t_plan,
+        cached.iter().filter(|h| **h).count(),
+    )
 }
 
 fn main() {
@@ -75,7 +82,8 @@ fn main() {
     std::fs::create_dir_all(&root).expect("temp dir");
     // Digests are remembered in the cache folder: keep this bench's own.
     std::env::set_var("SD_RUN_CACHE", root.join("cache"));
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/models/tiny-sd15");
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/models/tiny-sd15");
     let spec = write_spec(&root, &model);
 
     let t = Instant::now();
@@ -84,7 +92,9 @@ fn main() {
     let store = Store::open(c.store.root()).expect("store");
     for (i, (r, key)) in c.requests.iter().zip(&c.keys).enumerate() {
         let png = small_png(i);
-        let (path, sha) = store.write_image(key, &Store::image_dir(key), &png).expect("write image");
+        let (path, sha) = store
+            .write_image(key, &Store::image_dir(key), &png)
+            .expect("write image");
         let rec = ManifestRecord {
             key: key.clone(),
             path: Some(path),

@@ -36,13 +36,20 @@ fn main() {
     let root = std::env::temp_dir().join(format!("sd-run-bench-digest-{}", std::process::id()));
     let model = root.join("model");
     std::fs::create_dir_all(model.join("unet")).expect("temp dir");
-    std::fs::write(model.join("model_index.json"), "{\"_class_name\": \"StableDiffusionPipeline\"}").expect("model_index");
+    std::fs::write(
+        model.join("model_index.json"),
+        "{\"_class_name\": \"StableDiffusionPipeline\"}",
+    )
+    .expect("model_index");
     std::fs::write(model.join("unet/config.json"), "{}").expect("config");
     let weights = model.join("unet/diffusion_pytorch_model.safetensors");
 
     let t = Instant::now();
     {
-        let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&weights).expect("create"));
+        let mut f = std::io::BufWriter::with_capacity(
+            8 << 20,
+            std::fs::File::create(&weights).expect("create"),
+        );
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
         let mut buf = vec![0u8; 8 << 20];
         for _ in 0..(mib * (1 << 20)).div_ceil(buf.len()) {
@@ -69,9 +76,15 @@ fn main() {
     let t = Instant::now();
     let mut f = std::fs::File::open(&weights).expect("open");
     let mut buf = vec![0u8; 1 << 20];
-    while std::io::Read::read(&mut f, &mut buf).map(|n| n > 0).unwrap_or(false) {}
+    while std::io::Read::read(&mut f, &mut buf)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {}
     let read_s = t.elapsed().as_secs_f64();
-    println!("digest: plain read {read_s:.2} s ({:.0} MiB/s)", size_mib / read_s);
+    println!(
+        "digest: plain read {read_s:.2} s ({:.0} MiB/s)",
+        size_mib / read_s
+    );
 
     drop_from_page_cache(&weights);
     let index = DigestIndex::open(root.join("digests.json")).expect("index");

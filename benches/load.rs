@@ -28,7 +28,6 @@ fn time_loads(name: &str, dir: &Path, runs: usize) {
         device: Device::Cpu,
         dtype: DType::F32,
         memory: MemoryPolicy::default(),
-        safety_checker: false,
     };
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -49,7 +48,11 @@ fn time_loads(name: &str, dir: &Path, runs: usize) {
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    time_loads("tiny-sd15", &root.join("tests/fixtures/golden/models/tiny-sd15"), 20);
+    time_loads(
+        "tiny-sd15",
+        &root.join("tests/fixtures/golden/models/tiny-sd15"),
+        20,
+    );
     let big = std::env::var_os("SD_RUN_BENCH_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join(".bench/sd15-random"));

@@ -41,7 +41,8 @@ fn parse() -> Result<Args, String> {
         image_out: None,
     };
     let num = |v: Option<String>, flag: &str| -> Result<usize, String> {
-        v.and_then(|s| s.parse().ok()).ok_or_else(|| format!("{flag}: expected a number"))
+        v.and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("{flag}: expected a number"))
     };
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -51,14 +52,16 @@ fn parse() -> Result<Args, String> {
             "--image-out" => a.image_out = it.next().map(PathBuf::from),
             "--scheduler" => {
                 let name = it.next().unwrap_or_default();
-                a.scheduler =
-                    serde_json::from_value(serde_json::Value::String(name.clone())).map_err(|_| format!("--scheduler {name}: unknown"))?;
+                a.scheduler = serde_json::from_value(serde_json::Value::String(name.clone()))
+                    .map_err(|_| format!("--scheduler {name}: unknown"))?;
             }
             other if other.starts_with("--") => return Err(format!("unknown flag {other}")),
             other => model = Some(PathBuf::from(other)),
         }
     }
-    a.model = model.ok_or("usage: bench_pipeline MODEL_DIR [--width W] [--height H] [--steps N] [--image-out FILE]")?;
+    a.model = model.ok_or(
+        "usage: bench_pipeline MODEL_DIR [--width W] [--height H] [--steps N] [--image-out FILE]",
+    )?;
     if a.steps == 0 || !a.width.is_multiple_of(8) || !a.height.is_multiple_of(8) {
         return Err("steps must be > 0 and the size a multiple of 8".into());
     }
@@ -70,7 +73,6 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         device: Device::Cpu,
         dtype: DType::F32,
         memory: MemoryPolicy::default(),
-        safety_checker: false,
     };
     let t0 = Instant::now();
     let pipe = Pipeline::load(&a.model, &opts)?;

@@ -8,7 +8,11 @@ use std::process::ExitCode;
 use sd_run::run::{self, LogFormat, RunOptions};
 
 #[derive(Parser)]
-#[command(name = "sd-run", version, about = "Declarative Stable Diffusion campaigns: a YAML spec in, images out")]
+#[command(
+    name = "sd-run",
+    version,
+    about = "Declarative Stable Diffusion campaigns: a YAML spec in, images out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -113,12 +117,25 @@ fn main() -> ExitCode {
             };
             run::run_command(&opts)
         }
-        Command::Plan { spec, json, shard, machine } => run::plan_command(&spec, machine.config.as_deref(), shard.as_deref(), json),
+        Command::Plan {
+            spec,
+            json,
+            shard,
+            machine,
+        } => run::plan_command(&spec, machine.config.as_deref(), shard.as_deref(), json),
         Command::Validate { spec } => run::validate_command(&spec),
         Command::Status { spec, json, shards } => run::status_command(&spec, json, shards),
-        Command::Serve { addr, config, device, drain_seconds } => {
-            sd_run::serve::serve_command(&sd_run::serve::ServeOptions { addr, config, device, drain_seconds })
-        }
+        Command::Serve {
+            addr,
+            config,
+            device,
+            drain_seconds,
+        } => sd_run::serve::serve_command(&sd_run::serve::ServeOptions {
+            addr,
+            config,
+            device,
+            drain_seconds,
+        }),
     };
     ExitCode::from(code)
 }

@@ -38,7 +38,10 @@ fn write_spec(dir: &Path, body: &str) -> PathBuf {
 fn sd_run(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .args(args)
-        .env("SD_RUN_CACHE", std::env::temp_dir().join("sd-run-test-cache"))
+        .env(
+            "SD_RUN_CACHE",
+            std::env::temp_dir().join("sd-run-test-cache"),
+        )
         .output()
         .unwrap()
 }
@@ -75,7 +78,11 @@ fn campaign_then_rerun_makes_nothing_and_damage_is_repaired() {
     let spec = write_spec(&dir, SMALL_JOB);
     let out = dir.join("out");
     let first = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let s = summary(&first.stdout);
     assert_eq!(s["made"], 6);
     let recs = manifest(&out);
@@ -84,7 +91,10 @@ fn campaign_then_rerun_makes_nothing_and_damage_is_repaired() {
         let png = out.join(r["path"].as_str().unwrap());
         let bytes = std::fs::read(&png).unwrap();
         let chunks = sd_run::output::png_meta::read_text_chunks(&bytes).unwrap();
-        let params = chunks.iter().find(|(k, _)| k == "parameters").expect("parameters chunk");
+        let params = chunks
+            .iter()
+            .find(|(k, _)| k == "parameters")
+            .expect("parameters chunk");
         let parsed = sd_run::output::png_meta::parse_parameters(&params.1).unwrap();
         assert_eq!(parsed.get("Steps"), Some("6"));
         assert_eq!(parsed.get("Seed"), Some(r["seed"].to_string().as_str()));
@@ -121,7 +131,10 @@ fn campaign_then_rerun_makes_nothing_and_damage_is_repaired() {
 #[test]
 fn killed_runs_resume_and_every_image_is_made_once() {
     let dir = temp_dir("kill");
-    let spec = write_spec(&dir, &SMALL_JOB.replace("seeds: [1, 2, 3]", "seeds: [1, 2, 3, 4]"));
+    let spec = write_spec(
+        &dir,
+        &SMALL_JOB.replace("seeds: [1, 2, 3]", "seeds: [1, 2, 3, 4]"),
+    );
     let out = dir.join("out");
     // Kill the run at several points.
     for delay_ms in [300u64, 900, 1500] {
@@ -136,12 +149,18 @@ fn killed_runs_resume_and_every_image_is_made_once() {
         let _ = child.wait();
     }
     let done = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     let recs = manifest(&out);
     let mut per_key: HashMap<String, usize> = HashMap::new();
     for r in &recs {
         assert_ne!(r["status"], "failed");
-        *per_key.entry(r["key"].as_str().unwrap().to_string()).or_default() += 1;
+        *per_key
+            .entry(r["key"].as_str().unwrap().to_string())
+            .or_default() += 1;
         let png = out.join(r["path"].as_str().unwrap());
         let bytes = std::fs::read(&png).unwrap();
         image::load_from_memory(&bytes).expect("whole PNG");
@@ -149,7 +168,10 @@ fn killed_runs_resume_and_every_image_is_made_once() {
     assert_eq!(per_key.len(), 8);
     assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
     // No temp files left visible as images.
-    let images: usize = walk(&out.join("images")).iter().filter(|p| p.extension().is_some_and(|e| e == "png")).count();
+    let images: usize = walk(&out.join("images"))
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .count();
     assert_eq!(images, 8);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -177,7 +199,10 @@ fn two_concurrent_runs_make_each_image_once() {
     let spawn = || {
         Command::new(BIN)
             .args(["run", spec.to_str().unwrap(), "--log", "json"])
-            .env("SD_RUN_CACHE", std::env::temp_dir().join("sd-run-test-cache"))
+            .env(
+                "SD_RUN_CACHE",
+                std::env::temp_dir().join("sd-run-test-cache"),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -186,7 +211,8 @@ fn two_concurrent_runs_make_each_image_once() {
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(a.status.success() && b.status.success());
-    let made = summary(&a.stdout)["made"].as_u64().unwrap() + summary(&b.stdout)["made"].as_u64().unwrap();
+    let made =
+        summary(&a.stdout)["made"].as_u64().unwrap() + summary(&b.stdout)["made"].as_u64().unwrap();
     let recs = manifest(&out);
     let ok: Vec<_> = recs.iter().filter(|r| r["status"] != "failed").collect();
     assert_eq!(ok.len(), 6, "each image recorded once");
@@ -239,10 +265,12 @@ fn dist(a: [f64; 3], b: [f64; 3]) -> f64 {
 
 /// The nearest named colour.
 fn nearest(c: [f64; 3]) -> &'static str {
-    ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
-        .into_iter()
-        .min_by(|a, b| dist(c, colour(a)).total_cmp(&dist(c, colour(b))))
-        .unwrap()
+    [
+        "red", "green", "blue", "yellow", "white", "black", "purple", "orange",
+    ]
+    .into_iter()
+    .min_by(|a, b| dist(c, colour(a)).total_cmp(&dist(c, colour(b))))
+    .unwrap()
 }
 
 #[test]
@@ -255,27 +283,62 @@ fn demo_model_draws_what_prompts_say_and_flags_red() {
         ("blue", "square", "red"),
         ("white", "circle", "black"),
     ];
-    let prompts: Vec<String> = cases.iter().map(|(c, s, b)| format!("\"a {c} {s} on a {b} background\"")).collect();
+    let prompts: Vec<String> = cases
+        .iter()
+        .map(|(c, s, b)| format!("\"a {c} {s} on a {b} background\""))
+        .collect();
     let body = format!(
         "defaults:\n  steps: 20\n  guidance: 6\n  size: 64x64\nsafety:\n  checker: model\n  action: tag\njobs:\n  - name: shapes\n    model: demo\n    prompts: [{}]\n    seeds: [1]\n",
         prompts.join(", ")
     );
     let spec = write_spec(&dir, &body);
     let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let out = dir.join("out");
     let recs = manifest(&out);
     assert_eq!(recs.len(), cases.len());
     for (c, _, b) in cases {
         let prompt_start = format!("a {c} ");
-        let r = recs.iter().find(|r| r["prompt"].as_str().unwrap().starts_with(&prompt_start) && r["prompt"].as_str().unwrap().ends_with(&format!("{b} background"))).unwrap();
-        let img = image::open(out.join(r["path"].as_str().unwrap())).unwrap().to_rgb8();
+        let r = recs
+            .iter()
+            .find(|r| {
+                r["prompt"].as_str().unwrap().starts_with(&prompt_start)
+                    && r["prompt"]
+                        .as_str()
+                        .unwrap()
+                        .ends_with(&format!("{b} background"))
+            })
+            .unwrap();
+        let img = image::open(out.join(r["path"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
         let (border, centre) = border_and_centre(&img);
-        assert_eq!(nearest(border), b, "background of {}: {border:?}", r["prompt"]);
-        let shape_px = centre.iter().filter(|p| nearest(p.map(f64::from)) == c).count();
-        assert!(shape_px * 10 >= centre.len(), "{}: {shape_px} of {} centre pixels are {c}", r["prompt"], centre.len());
+        assert_eq!(
+            nearest(border),
+            b,
+            "background of {}: {border:?}",
+            r["prompt"]
+        );
+        let shape_px = centre
+            .iter()
+            .filter(|p| nearest(p.map(f64::from)) == c)
+            .count();
+        assert!(
+            shape_px * 10 >= centre.len(),
+            "{}: {shape_px} of {} centre pixels are {c}",
+            r["prompt"],
+            centre.len()
+        );
         let red = c == "red" || b == "red";
-        assert_eq!(r["safety"]["flagged"], red, "{}: {}", r["prompt"], r["safety"]);
+        assert_eq!(
+            r["safety"]["flagged"], red,
+            "{}: {}",
+            r["prompt"], r["safety"]
+        );
         assert_eq!(r["status"], if red { "flagged" } else { "ok" });
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -290,7 +353,11 @@ fn each_safety_action_does_what_it_says() {
         );
         let spec = write_spec(&dir, &body);
         let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-        assert!(run.status.success(), "{action}: {}", String::from_utf8_lossy(&run.stderr));
+        assert!(
+            run.status.success(),
+            "{action}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
         let out = dir.join("out");
         let recs = manifest(&out);
         let red = recs.iter().find(|r| r["job"] == "red").unwrap();
@@ -302,13 +369,19 @@ fn each_safety_action_does_what_it_says() {
             "drop" => assert!(red["path"].is_null()),
             "quarantine" => assert!(red["path"].as_str().unwrap().starts_with("quarantine/")),
             _ => {
-                let img = image::open(out.join(red["path"].as_str().unwrap())).unwrap().to_rgb8();
+                let img = image::open(out.join(red["path"].as_str().unwrap()))
+                    .unwrap()
+                    .to_rgb8();
                 let px: Vec<_> = img.pixels().map(|p| p.0).collect();
                 if action == "black" {
                     assert!(px.iter().all(|p| *p == [0, 0, 0]));
                 } else {
                     // Blurred: neighbouring pixels barely differ.
-                    let rough = px.windows(2).map(|w| (w[0][0] as i32 - w[1][0] as i32).abs()).max().unwrap();
+                    let rough = px
+                        .windows(2)
+                        .map(|w| (w[0][0] as i32 - w[1][0] as i32).abs())
+                        .max()
+                        .unwrap();
                     assert!(rough < 40, "blur left edges of {rough}");
                 }
             }
@@ -323,7 +396,10 @@ fn each_safety_action_does_what_it_says() {
 #[test]
 fn invalid_spec_exits_2_with_locations() {
     let dir = temp_dir("invalid");
-    let spec = write_spec(&dir, "jobs:\n  - name: a\n    model: nope\n    prompts: [\"x\"]\n    seeds: [1]\n    stepz: 3\n");
+    let spec = write_spec(
+        &dir,
+        "jobs:\n  - name: a\n    model: nope\n    prompts: [\"x\"]\n    seeds: [1]\n    stepz: 3\n",
+    );
     for cmd in ["validate", "plan", "run"] {
         let o = sd_run(&[cmd, spec.to_str().unwrap()]);
         assert_eq!(o.status.code(), Some(2), "{cmd}");
@@ -342,7 +418,11 @@ fn grid_jobs_get_a_contact_sheet_and_the_report_lists_every_image() {
     let body = "defaults:\n  steps: 4\n  size: 64x64\nsafety:\n  checker: off\njobs:\n  - name: sweep\n    model: demo\n    prompts: [\"a green star on a black background\"]\n    seeds: [3]\n    grid:\n      scheduler: [ddim, euler_a]\n      guidance: [2, 6]\n";
     let spec = write_spec(&dir, body);
     let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let out = dir.join("out");
     let sheet = image::open(out.join("sheets/sweep.png")).unwrap();
     assert!(sheet.width() >= 2 * 64 && sheet.height() >= 2 * 64);
@@ -356,7 +436,9 @@ fn grid_jobs_get_a_contact_sheet_and_the_report_lists_every_image() {
 
 /// The golden image of a case as 8-bit RGB: `round(image * 255)`.
 fn golden_rgb8(case: &str, key: &str) -> Vec<u8> {
-    let file = root().join("tests/fixtures/golden/cases").join(format!("{case}.safetensors"));
+    let file = root()
+        .join("tests/fixtures/golden/cases")
+        .join(format!("{case}.safetensors"));
     let t = candle_core::safetensors::load(file, &candle_core::Device::Cpu).unwrap();
     let v = t[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
     sd_run::output::pixels::to_rgb8(&v)
@@ -365,8 +447,17 @@ fn golden_rgb8(case: &str, key: &str) -> Vec<u8> {
 fn assert_png_close(png: &Path, expected: &[u8]) {
     let img = image::open(png).unwrap().to_rgb8().into_raw();
     assert_eq!(img.len(), expected.len());
-    let worst = img.iter().zip(expected).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
-    assert!(worst <= 1, "{}: pixels differ from diffusers by {worst} levels", png.display());
+    let worst = img
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .max()
+        .unwrap();
+    assert!(
+        worst <= 1,
+        "{}: pixels differ from diffusers by {worst} levels",
+        png.display()
+    );
 }
 
 #[test]
@@ -383,10 +474,17 @@ fn tiny_sd15_png_equals_diffusers_image() {
     )
     .unwrap();
     let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let recs = manifest(&dir.join("out"));
     assert_eq!(recs.len(), 1);
-    assert_png_close(&dir.join("out").join(recs[0]["path"].as_str().unwrap()), &golden_rgb8("ddim_basic", "image"));
+    assert_png_close(
+        &dir.join("out").join(recs[0]["path"].as_str().unwrap()),
+        &golden_rgb8("ddim_basic", "image"),
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -405,26 +503,51 @@ fn sdxl_base_and_refiner_run_stage_major_and_match_diffusers() {
     )
     .unwrap();
     let plan = sd_run(&["plan", spec.to_str().unwrap(), "--json"]);
-    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     assert_eq!(v["model_loads"], 2, "{v}");
     let stages: Vec<(String, String)> = v["stages"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["model"].as_str().unwrap().to_string(), s["role"].as_str().unwrap().to_string()))
+        .map(|s| {
+            (
+                s["model"].as_str().unwrap().to_string(),
+                s["role"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
-    assert_eq!(stages, [("base".into(), "base".into()), ("refiner".into(), "refiner".into())]);
+    assert_eq!(
+        stages,
+        [
+            ("base".into(), "base".into()),
+            ("refiner".into(), "refiner".into())
+        ]
+    );
 
     let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let loads = String::from_utf8_lossy(&run.stdout).lines().filter(|l| l.contains("\"model_loaded\"")).count();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let loads = String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .filter(|l| l.contains("\"model_loaded\""))
+        .count();
     assert_eq!(loads, 2, "base once, refiner once");
     let recs = manifest(&dir.join("out"));
     assert_eq!(recs.len(), 3);
     let r = recs.iter().find(|r| r["seed"] == 1234).unwrap();
     assert_eq!(r["refiner"]["model"], "refiner");
-    assert_png_close(&dir.join("out").join(r["path"].as_str().unwrap()), &golden_rgb8("sdxl_refiner", "refined_image"));
+    assert_png_close(
+        &dir.join("out").join(r["path"].as_str().unwrap()),
+        &golden_rgb8("sdxl_refiner", "refined_image"),
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -441,7 +564,8 @@ fn model_with_scheduler(dir: &Path, name: &str, edit: impl Fn(&mut serde_json::V
         std::os::unix::fs::symlink(e.path(), dst.join(&n)).unwrap();
     }
     let cfg = src.join("scheduler/scheduler_config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cfg).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cfg).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(dst.join("scheduler/scheduler_config.json"), v.to_string()).unwrap();
     dst
@@ -455,7 +579,9 @@ fn turbo_style_trailing_one_step_and_img2img_make_images() {
         v["_class_name"] = "EulerAncestralDiscreteScheduler".into();
     });
     let init = dir.join("init.png");
-    image::RgbImage::from_fn(64, 64, |x, _| image::Rgb([(x * 4) as u8, 100, 200])).save(&init).unwrap();
+    image::RgbImage::from_fn(64, 64, |x, _| image::Rgb([(x * 4) as u8, 100, 200]))
+        .save(&init)
+        .unwrap();
     let spec = dir.join("spec.yaml");
     std::fs::write(
         &spec,
@@ -467,7 +593,12 @@ fn turbo_style_trailing_one_step_and_img2img_make_images() {
     )
     .unwrap();
     let run = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
-    assert!(run.status.success(), "{}\n{}", String::from_utf8_lossy(&run.stderr), String::from_utf8_lossy(&run.stdout));
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        String::from_utf8_lossy(&run.stdout)
+    );
     let recs = manifest(&dir.join("out"));
     assert_eq!(recs.len(), 6);
     assert!(recs.iter().all(|r| r["status"] == "ok"), "{recs:?}");
@@ -475,7 +606,12 @@ fn turbo_style_trailing_one_step_and_img2img_make_images() {
     let imgs: Vec<Vec<u8>> = recs
         .iter()
         .filter(|r| r["job"] == "img2img")
-        .map(|r| image::open(dir.join("out").join(r["path"].as_str().unwrap())).unwrap().to_rgb8().into_raw())
+        .map(|r| {
+            image::open(dir.join("out").join(r["path"].as_str().unwrap()))
+                .unwrap()
+                .to_rgb8()
+                .into_raw()
+        })
         .collect();
     assert_eq!(imgs.len(), 2);
     assert_ne!(imgs[0], imgs[1]);
@@ -499,7 +635,10 @@ fn a_crash_between_base_and_refiner_keeps_the_base_latents() {
     .unwrap();
     let mut child = Command::new(BIN)
         .args(["run", spec.to_str().unwrap(), "--log", "json"])
-        .env("SD_RUN_CACHE", std::env::temp_dir().join("sd-run-test-cache"))
+        .env(
+            "SD_RUN_CACHE",
+            std::env::temp_dir().join("sd-run-test-cache"),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -513,11 +652,18 @@ fn a_crash_between_base_and_refiner_keeps_the_base_latents() {
         }
     }
     let _ = child.wait();
-    assert!(manifest(&dir.join("out")).is_empty(), "killed before any image landed");
+    assert!(
+        manifest(&dir.join("out")).is_empty(),
+        "killed before any image landed"
+    );
     let again = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
     assert!(again.status.success());
     let log = String::from_utf8_lossy(&again.stdout);
-    assert!(!log.lines().any(|l| l.contains("\"batch\"") && l.contains("\"base\"")), "base pass repeated:\n{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("\"batch\"") && l.contains("\"base\"")),
+        "base pass repeated:\n{log}"
+    );
     assert_eq!(summary(&again.stdout)["made"], 3);
     // The handoff files are gone once the images landed.
     let left = walk(&dir.join("out/.sd-run/latents"));
@@ -529,10 +675,18 @@ fn a_crash_between_base_and_refiner_keeps_the_base_latents() {
 fn ctrl_c_finishes_the_batch_and_says_how_to_resume() {
     use std::io::BufRead;
     let dir = temp_dir("sigint");
-    let spec = write_spec(&dir, &SMALL_JOB.replace("seeds: [1, 2, 3]", "seeds: [1, 2, 3, 4, 5, 6]").replace("batch_size: 2", "batch_size: 1"));
+    let spec = write_spec(
+        &dir,
+        &SMALL_JOB
+            .replace("seeds: [1, 2, 3]", "seeds: [1, 2, 3, 4, 5, 6]")
+            .replace("batch_size: 2", "batch_size: 1"),
+    );
     let mut child = Command::new(BIN)
         .args(["run", spec.to_str().unwrap(), "--log", "json"])
-        .env("SD_RUN_CACHE", std::env::temp_dir().join("sd-run-test-cache"))
+        .env(
+            "SD_RUN_CACHE",
+            std::env::temp_dir().join("sd-run-test-cache"),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -541,7 +695,10 @@ fn ctrl_c_finishes_the_batch_and_says_how_to_resume() {
     let mut lines = std::io::BufReader::new(stdout).lines();
     for line in lines.by_ref() {
         if line.unwrap().contains("\"event\":\"image\"") {
-            let ok = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+            let ok = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .unwrap();
             assert!(ok.success());
             break;
         }
@@ -551,7 +708,11 @@ fn ctrl_c_finishes_the_batch_and_says_how_to_resume() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(status.code(), Some(1), "{err}");
-    let s: serde_json::Value = rest.iter().filter_map(|l| serde_json::from_str(l).ok()).find(|v: &serde_json::Value| v["event"] == "summary").unwrap();
+    let s: serde_json::Value = rest
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .find(|v: &serde_json::Value| v["event"] == "summary")
+        .unwrap();
     assert_eq!(s["interrupted"], true);
     assert!(s["made"].as_u64().unwrap() < 12);
     assert!(err.contains("again"), "{err}");
@@ -559,7 +720,10 @@ fn ctrl_c_finishes_the_batch_and_says_how_to_resume() {
     let done = manifest(&dir.join("out")).len();
     let again = sd_run(&["run", spec.to_str().unwrap(), "--log", "json"]);
     assert!(again.status.success());
-    assert_eq!(summary(&again.stdout)["made"].as_u64().unwrap() as usize + done, 12);
+    assert_eq!(
+        summary(&again.stdout)["made"].as_u64().unwrap() as usize + done,
+        12
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -578,7 +742,10 @@ fn a_model_without_a_checker_is_a_warning_at_plan_time() {
     let o = sd_run(&["plan", spec.to_str().unwrap()]);
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("warning") && err.contains("no safety_checker"), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("no safety_checker"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -591,7 +758,11 @@ fn hf_sources_run_offline_from_a_filled_cache() {
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();
     std::fs::create_dir_all(repo.join("snapshots")).unwrap();
-    std::os::unix::fs::symlink(root().join("tests/fixtures/golden/models/tiny-sd15"), repo.join("snapshots").join(commit)).unwrap();
+    std::os::unix::fs::symlink(
+        root().join("tests/fixtures/golden/models/tiny-sd15"),
+        repo.join("snapshots").join(commit),
+    )
+    .unwrap();
     let spec = dir.join("spec.yaml");
     std::fs::write(
         &spec,
@@ -600,17 +771,33 @@ fn hf_sources_run_offline_from_a_filled_cache() {
     .unwrap();
     let run = Command::new(BIN)
         .args(["run", spec.to_str().unwrap(), "--log", "json"])
-        .env("SD_RUN_CACHE", std::env::temp_dir().join("sd-run-test-cache"))
+        .env(
+            "SD_RUN_CACHE",
+            std::env::temp_dir().join("sd-run-test-cache"),
+        )
         .env("HF_HOME", dir.join("hf"))
         .env_remove("HF_HUB_CACHE")
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let recs = manifest(&dir.join("out"));
-    assert_png_close(&dir.join("out").join(recs[0]["path"].as_str().unwrap()), &golden_rgb8("ddim_basic", "image"));
+    assert_png_close(
+        &dir.join("out").join(recs[0]["path"].as_str().unwrap()),
+        &golden_rgb8("ddim_basic", "image"),
+    );
     // A repository missing from the cache is a clear error naming it.
-    std::fs::write(&spec, std::fs::read_to_string(&spec).unwrap().replace("tiny-org/tiny-sd", "tiny-org/absent")).unwrap();
+    std::fs::write(
+        &spec,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("tiny-org/tiny-sd", "tiny-org/absent"),
+    )
+    .unwrap();
     let o = Command::new(BIN)
         .args(["run", spec.to_str().unwrap()])
         .env("HF_HOME", dir.join("hf"))
@@ -619,6 +806,10 @@ fn hf_sources_run_offline_from_a_filled_cache() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("tiny-org/absent"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("tiny-org/absent"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,11 +3,10 @@
 //! guidance, the SDXL refiner handoff, VAE decoding and the safety checker.
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::clip::TextEncoder;
 use super::rng::TorchRng;
-use super::safety::{RgbImage, SafetyChecker, SafetyVerdict};
 use super::schedulers::{self, NoiseFn, SchedulerConfig};
 use super::tokenizer::ClipTokenizer;
 use super::unet::{AddedCond, UNet};
@@ -33,8 +32,6 @@ pub struct LoadOptions {
     pub device: Device,
     pub dtype: DType,
     pub memory: MemoryPolicy,
-    /// Load the folder's `safety_checker/` when it has one.
-    pub safety_checker: bool,
 }
 
 /// `model_index.json`, the fields the pipeline reads.
@@ -86,20 +83,21 @@ pub struct GenerateRequest {
 #[derive(Debug, Clone)]
 pub enum StartFrom {
     /// Latents handed over by a base stage at `denoising_start`; no noise is added.
-    Latents { latents: Tensor, denoising_start: f64 },
+    Latents {
+        latents: Tensor,
+        denoising_start: f64,
+    },
     /// An image in [-1, 1] (1, 3, H, W), encoded with the VAE, noised to `strength`.
     Image { image: Tensor, strength: f64 },
 }
 
 /// A loaded pipeline.
 pub struct Pipeline {
-    dir: PathBuf,
     kind: PipelineKind,
     text: Vec<TextStack>,
     unet: UNet,
     vae: Vae,
     scheduler_config: SchedulerConfig,
-    safety: Option<SafetyChecker>,
     device: Device,
     dtype: DType,
     force_zeros_for_empty_prompt: bool,
@@ -127,7 +125,8 @@ impl BatchNoise {
     /// Draws one (1, C, H, W) tensor per image, concatenated along the batch.
     fn draw(&mut self, c: usize, h: usize, w: usize) -> candle_core::Result<Tensor> {
         if self.device_rng {
-            return Tensor::randn(0f32, 1f32, (self.rngs.len(), c, h, w), &self.device)?.to_dtype(self.dtype);
+            return Tensor::randn(0f32, 1f32, (self.rngs.len(), c, h, w), &self.device)?
+                .to_dtype(self.dtype);
         }
         let mut parts = Vec::with_capacity(self.rngs.len());
         for rng in &mut self.rngs {
@@ -189,45 +188,29 @@ impl Pipeline {
             (Some("text_time"), _) => PipelineKind::SdxlRefiner,
             _ => PipelineKind::Sd,
         };
-        let requires_aesthetics = index.requires_aesthetics_score.unwrap_or(kind == PipelineKind::SdxlRefiner);
-        let kind = if kind != PipelineKind::Sd && requires_aesthetics { PipelineKind::SdxlRefiner } else { kind };
-        let safety = if opts.safety_checker && dir.join("safety_checker").is_dir() {
-            Some(SafetyChecker::load(&dir.join("safety_checker"), &dir.join("feature_extractor"), &device)?)
+        let requires_aesthetics = index
+            .requires_aesthetics_score
+            .unwrap_or(kind == PipelineKind::SdxlRefiner);
+        let kind = if kind != PipelineKind::Sd && requires_aesthetics {
+            PipelineKind::SdxlRefiner
         } else {
-            None
+            kind
         };
         Ok(Self {
-            dir: dir.to_path_buf(),
             kind,
             text,
             unet,
             vae,
             scheduler_config,
-            safety,
             device,
             dtype,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
         })
     }
 
-    /// The folder this pipeline was loaded from.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// SD, SDXL base or SDXL refiner.
     pub fn kind(&self) -> PipelineKind {
         self.kind
-    }
-
-    /// Whether the folder has its own safety checker (and it was loaded).
-    pub fn safety_checker(&self) -> Option<&SafetyChecker> {
-        self.safety.as_ref()
-    }
-
-    /// The scheduler config the folder ships.
-    pub fn scheduler_config(&self) -> &SchedulerConfig {
-        &self.scheduler_config
     }
 
     /// Encodes one text with every text encoder: (hidden states to condition on, pooled output of
@@ -251,9 +234,15 @@ impl Pipeline {
     }
 
     /// Computes a prompt pair's conditioning (once per prompt; reuse it for every batch).
-    pub fn encode_prompt(&self, prompt: &str, negative_prompt: &str) -> Result<Conditioning, EngineError> {
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+    ) -> Result<Conditioning, EngineError> {
         let (prompt_embeds, pooled) = self.encode_text(prompt)?;
-        let zero_negative = self.kind == PipelineKind::SdxlBase && self.force_zeros_for_empty_prompt && negative_prompt.is_empty();
+        let zero_negative = self.kind == PipelineKind::SdxlBase
+            && self.force_zeros_for_empty_prompt
+            && negative_prompt.is_empty();
         let (negative, negative_pooled) = if zero_negative {
             (prompt_embeds.zeros_like()?, pooled.zeros_like()?)
         } else {
@@ -263,13 +252,19 @@ impl Pipeline {
             PipelineKind::Sd => None,
             _ => Some((pooled, negative_pooled)),
         };
-        Ok(Conditioning { prompt: prompt_embeds, negative, pooled })
+        Ok(Conditioning {
+            prompt: prompt_embeds,
+            negative,
+            pooled,
+        })
     }
 
     /// SDXL `time_ids` for the prompt and the negative prompt, (1, 6) or (1, 5) each.
     fn time_ids(&self, req: &GenerateRequest) -> Result<(Tensor, Tensor), EngineError> {
         let s = &req.sdxl;
-        let (ow, oh) = s.original_size.unwrap_or((req.width as u32, req.height as u32));
+        let (ow, oh) = s
+            .original_size
+            .unwrap_or((req.width as u32, req.height as u32));
         let (ct, cl) = s.crop;
         let base = [oh as f32, ow as f32, ct as f32, cl as f32];
         let (pos, neg): (Vec<f32>, Vec<f32>) = match self.kind {
@@ -293,7 +288,11 @@ impl Pipeline {
     }
 
     /// Runs the denoising loop for one batch and returns its final latents (B, C, H/8, W/8).
-    pub fn generate(&self, req: &GenerateRequest, cond: &Conditioning) -> Result<Tensor, EngineError> {
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        cond: &Conditioning,
+    ) -> Result<Tensor, EngineError> {
         let b = req.seeds.len();
         if b == 0 {
             return Err(EngineError::Other("empty batch".into()));
@@ -315,7 +314,10 @@ impl Pipeline {
         }
         let mut latents = match &req.start {
             None => (noise.draw(c, h, w)? * scheduler.init_noise_sigma())?,
-            Some(StartFrom::Latents { latents, denoising_start }) => {
+            Some(StartFrom::Latents {
+                latents,
+                denoising_start,
+            }) => {
                 let cutoff = (train_steps - denoising_start * train_steps).round();
                 let mut n = timesteps.iter().filter(|t| **t < cutoff).count();
                 if scheduler.order() == 2 && n % 2 == 0 {
@@ -330,7 +332,9 @@ impl Pipeline {
                 let t_start = steps - init;
                 first = t_start * scheduler.order();
                 if first >= timesteps.len() {
-                    return Err(EngineError::Other(format!("strength {strength} leaves no step to run")));
+                    return Err(EngineError::Other(format!(
+                        "strength {strength} leaves no step to run"
+                    )));
                 }
                 let image = image.to_device(&self.device)?.to_dtype(self.dtype)?;
                 let mut encoded = Vec::with_capacity(b);
@@ -361,13 +365,20 @@ impl Pipeline {
                         time_ids: Tensor::cat(&[rep(&neg_ids)?, rep(&ids)?], 0)?,
                     }
                 } else {
-                    AddedCond { text_embeds: rep(pooled)?, time_ids: rep(&ids)? }
+                    AddedCond {
+                        text_embeds: rep(pooled)?,
+                        time_ids: rep(&ids)?,
+                    }
                 })
             }
         };
 
         for (i, &t) in timesteps.iter().enumerate().take(last).skip(first) {
-            let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
             let input = scheduler.scale_model_input(&input, i)?;
             let out = self.unet.forward(&input, t, &context, added.as_ref())?;
             let eps = if cfg {
@@ -394,13 +405,5 @@ impl Pipeline {
         let image = Tensor::cat(&parts, 0)?;
         let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         Ok(image.permute((0, 2, 3, 1))?.to_dtype(DType::F32)?)
-    }
-
-    /// Runs the folder's safety checker on 8-bit images.
-    pub fn check_safety(&self, images: &[RgbImage], threshold_adjust: f64) -> Result<Option<Vec<SafetyVerdict>>, EngineError> {
-        match &self.safety {
-            None => Ok(None),
-            Some(checker) => Ok(Some(checker.check(images, threshold_adjust)?)),
-        }
     }
 }

@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::RunError;
-use crate::cache::{digest_folder, digest_model, image_keys, DeviceKind, DigestIndex, KeyContext, ModelDigest, SafetyKey, Store};
+use crate::cache::{
+    digest_folder, digest_model, image_keys, DeviceKind, DigestIndex, KeyContext, ModelDigest,
+    SafetyKey, Store,
+};
 use crate::engine::hub::{self, HubOptions};
 use crate::spec::{self, CheckerChoice, ImageRequest, Offload, Precision, Spec};
 
@@ -76,7 +79,9 @@ impl Campaign {
         let mut warnings = Vec::new();
         let mut models = BTreeMap::new();
         for (name, decl) in &spec.models {
-            let used = requests.iter().any(|r| r.model == *name || r.params.refiner.as_ref().is_some_and(|x| x.model == *name));
+            let used = requests.iter().any(|r| {
+                r.model == *name || r.params.refiner.as_ref().is_some_and(|x| x.model == *name)
+            });
             if !used {
                 continue;
             }
@@ -88,15 +93,35 @@ impl Campaign {
                     ));
                     continue;
                 }
-                Err(e) => return Err(RunError::Model { model: name.clone(), message: e.to_string() }),
+                Err(e) => {
+                    return Err(RunError::Model {
+                        model: name.clone(),
+                        message: e.to_string(),
+                    })
+                }
             };
-            let digest = digest_model(&dir, &index).map_err(|e| RunError::Model { model: name.clone(), message: e.to_string() })?;
+            let digest = digest_model(&dir, &index).map_err(|e| RunError::Model {
+                model: name.clone(),
+                message: e.to_string(),
+            })?;
             if decl.memory.flash_attention || decl.memory.offload == Offload::Model {
-                let why = if device == DeviceKind::Cpu { "do not apply on CPU" } else { "are not implemented yet" };
-                warnings.push(format!("model {name}: memory.flash_attention and memory.offload {why}; ignored"));
+                let why = if device == DeviceKind::Cpu {
+                    "do not apply on CPU"
+                } else {
+                    "are not implemented yet"
+                };
+                warnings.push(format!(
+                    "model {name}: memory.flash_attention and memory.offload {why}; ignored"
+                ));
             }
             if device == DeviceKind::Cpu && decl.dtype != Precision::F32 {
-                warnings.push(format!("model {name}: dtype {:?} asked, CPU computes in f32", decl.dtype).to_lowercase());
+                warnings.push(
+                    format!(
+                        "model {name}: dtype {:?} asked, CPU computes in f32",
+                        decl.dtype
+                    )
+                    .to_lowercase(),
+                );
             }
             models.insert(name.clone(), ResolvedModel { dir, digest });
         }
@@ -114,7 +139,10 @@ impl Campaign {
             let is_base = requests.iter().any(|r| r.model == *name);
             match folder {
                 Some(f) => {
-                    let d = digest_folder(&f, &index).map_err(|e| RunError::Model { model: name.clone(), message: e.to_string() })?;
+                    let d = digest_folder(&f, &index).map_err(|e| RunError::Model {
+                        model: name.clone(),
+                        message: e.to_string(),
+                    })?;
                     checker_digests.insert(name.clone(), d);
                     checkers.insert(name.clone(), f);
                 }
@@ -122,7 +150,10 @@ impl Campaign {
                     warnings.push(format!("model {name} has no safety_checker/: its images are not checked (safety.checker: model)"));
                 }
                 None if is_base && matches!(spec.safety.checker, CheckerChoice::Path(_)) => {
-                    return Err(RunError::Model { model: name.clone(), message: "safety.checker path has no safety checker".into() });
+                    return Err(RunError::Model {
+                        model: name.clone(),
+                        message: "safety.checker path has no safety checker".into(),
+                    });
                 }
                 None => {}
             }
@@ -136,10 +167,24 @@ impl Campaign {
             if contexts.contains_key(&k) {
                 continue;
             }
-            let digest_of = |m: &str| models.get(m).map(|x| x.digest.combined.clone()).unwrap_or_else(|| format!("unresolved:{m}"));
-            let dtype_of = |m: &str| effective_dtype(spec.models.get(m).map(|d| d.dtype).unwrap_or_default(), device);
+            let digest_of = |m: &str| {
+                models
+                    .get(m)
+                    .map(|x| x.digest.combined.clone())
+                    .unwrap_or_else(|| format!("unresolved:{m}"))
+            };
+            let dtype_of = |m: &str| {
+                effective_dtype(
+                    spec.models.get(m).map(|d| d.dtype).unwrap_or_default(),
+                    device,
+                )
+            };
             let safety = match checker_digests.get(&r.model) {
-                Some(d) => SafetyKey { checker: d.clone(), action: spec.safety.action, threshold_adjust: spec.safety.threshold_adjust },
+                Some(d) => SafetyKey {
+                    checker: d.clone(),
+                    action: spec.safety.action,
+                    threshold_adjust: spec.safety.threshold_adjust,
+                },
                 None => SafetyKey::off(),
             };
             let ctx = KeyContext {
@@ -154,14 +199,27 @@ impl Campaign {
             contexts.insert(k, ctx);
         }
         for ctx in contexts.values_mut() {
-            ctx.add_init_images(&requests).map_err(|e| RunError::Io(e.to_string()))?;
+            ctx.add_init_images(&requests)
+                .map_err(|e| RunError::Io(e.to_string()))?;
         }
         let keys = image_keys(&requests, |r| {
-            let k = (r.model.clone(), r.params.refiner.as_ref().map(|x| x.model.clone()));
+            let k = (
+                r.model.clone(),
+                r.params.refiner.as_ref().map(|x| x.model.clone()),
+            );
             &contexts[&k]
         });
         let store = Store::open(&spec.output).map_err(|e| RunError::Io(e.to_string()))?;
-        Ok(Self { spec, requests, keys, models, checkers, store, device, warnings })
+        Ok(Self {
+            spec,
+            requests,
+            keys,
+            models,
+            checkers,
+            store,
+            device,
+            warnings,
+        })
     }
 
     /// Which images the store already has, whole.

@@ -11,15 +11,49 @@ use std::time::Instant;
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
-    Planned { images: usize, cached: usize, to_make: usize, model_loads: usize, batches: usize },
-    ModelLoading { model: String },
-    ModelLoaded { model: String, seconds: f64 },
-    Warning { message: String },
-    Batch { model: String, role: String, images: usize },
-    Image { key: String, job: String, path: Option<String>, status: String, seconds: f64 },
-    Flagged { key: String, job: String, action: String },
-    Failed { key: String, job: String, error: String },
-    Skipped { key: String, reason: String },
+    Planned {
+        images: usize,
+        cached: usize,
+        to_make: usize,
+        model_loads: usize,
+        batches: usize,
+    },
+    ModelLoading {
+        model: String,
+    },
+    ModelLoaded {
+        model: String,
+        seconds: f64,
+    },
+    Warning {
+        message: String,
+    },
+    Batch {
+        model: String,
+        role: String,
+        images: usize,
+    },
+    Image {
+        key: String,
+        job: String,
+        path: Option<String>,
+        status: String,
+        seconds: f64,
+    },
+    Flagged {
+        key: String,
+        job: String,
+        action: String,
+    },
+    Failed {
+        key: String,
+        job: String,
+        error: String,
+    },
+    Skipped {
+        key: String,
+        reason: String,
+    },
     Summary(Summary),
 }
 
@@ -66,36 +100,63 @@ impl BarReporter {
     fn new() -> Self {
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images  {msg}  ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images  {msg}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        Self { bar, started: Instant::now(), done: 0 }
+        Self {
+            bar,
+            started: Instant::now(),
+            done: 0,
+        }
     }
 }
 
 impl Reporter for BarReporter {
     fn event(&mut self, event: &Event) {
         match event {
-            Event::Planned { images, cached, to_make, model_loads, batches } => {
+            Event::Planned {
+                images,
+                cached,
+                to_make,
+                model_loads,
+                batches,
+            } => {
                 self.bar.println(format!(
                     "{images} images: {cached} cached, {to_make} to make in {batches} batches, {model_loads} model loads"
                 ));
                 self.bar.set_length(*to_make as u64);
             }
             Event::ModelLoading { model } => self.bar.set_message(format!("loading {model}")),
-            Event::ModelLoaded { model, seconds } => self.bar.println(format!("loaded {model} in {seconds:.1}s")),
+            Event::ModelLoaded { model, seconds } => {
+                self.bar.println(format!("loaded {model} in {seconds:.1}s"))
+            }
             Event::Warning { message } => self.bar.println(format!("warning: {message}")),
-            Event::Batch { model, role, images } => self.bar.set_message(format!("{model} ({role}): batch of {images}")),
+            Event::Batch {
+                model,
+                role,
+                images,
+            } => self
+                .bar
+                .set_message(format!("{model} ({role}): batch of {images}")),
             Event::Image { .. } | Event::Skipped { .. } => {
                 self.done += 1;
                 self.bar.inc(1);
                 let minutes = self.started.elapsed().as_secs_f64() / 60.0;
                 if minutes > 0.0 {
-                    self.bar.set_message(format!("{:.1} images/min", self.done as f64 / minutes));
+                    self.bar
+                        .set_message(format!("{:.1} images/min", self.done as f64 / minutes));
                 }
             }
-            Event::Flagged { key, job, action } => self.bar.println(format!("flagged {job} {} ({action})", &key[..12.min(key.len())])),
-            Event::Failed { key, job, error } => self.bar.println(format!("failed {job} {}: {error}", &key[..12.min(key.len())])),
+            Event::Flagged { key, job, action } => self.bar.println(format!(
+                "flagged {job} {} ({action})",
+                &key[..12.min(key.len())]
+            )),
+            Event::Failed { key, job, error } => self.bar.println(format!(
+                "failed {job} {}: {error}",
+                &key[..12.min(key.len())]
+            )),
             Event::Summary(s) => {
                 self.bar.finish_and_clear();
                 eprintln!("{}", render_summary(s));

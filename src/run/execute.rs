@@ -27,7 +27,13 @@ pub fn candle_device(kind: DeviceKind) -> Result<Device, RunError> {
         DeviceKind::Cuda => Device::new_cuda(0),
         DeviceKind::Metal => Device::new_metal(0),
     };
-    dev.map_err(|e| RunError::Device(format!("{}: {e} (was sd-run built with --features {}?)", kind.as_str(), kind.as_str())))
+    dev.map_err(|e| {
+        RunError::Device(format!(
+            "{}: {e} (was sd-run built with --features {}?)",
+            kind.as_str(),
+            kind.as_str()
+        ))
+    })
 }
 
 fn candle_dtype(p: Precision) -> candle_core::DType {
@@ -67,7 +73,11 @@ pub struct Resident {
 impl Resident {
     /// Nothing loaded yet, on `kind`, models bounded by `budget` bytes.
     pub fn new(kind: DeviceKind, budget: Option<u64>) -> Result<Self, RunError> {
-        Ok(Self { device: candle_device(kind)?, pool: ModelPool::new(budget), checkers: HashMap::new() })
+        Ok(Self {
+            device: candle_device(kind)?,
+            pool: ModelPool::new(budget),
+            checkers: HashMap::new(),
+        })
     }
 
     /// Unloads a model and its safety checker (its declaration changed).
@@ -85,12 +95,18 @@ impl Resident {
 /// Where base latents wait for the refiner (content-keyed, so a crash between the stages keeps
 /// them).
 fn handoff_file(root: &Path, key: &str) -> PathBuf {
-    root.join(".sd-run").join("latents").join(format!("{key}.safetensors"))
+    root.join(".sd-run")
+        .join("latents")
+        .join(format!("{key}.safetensors"))
 }
 
 impl<'a> Executor<'a> {
     /// An executor over a prepared campaign.
-    pub fn new(campaign: &'a Campaign, reporter: &'a mut dyn Reporter, interrupt: Arc<AtomicBool>) -> Result<Self, RunError> {
+    pub fn new(
+        campaign: &'a Campaign,
+        reporter: &'a mut dyn Reporter,
+        interrupt: Arc<AtomicBool>,
+    ) -> Result<Self, RunError> {
         let device = candle_device(campaign.device)?;
         let budget = campaign.spec.memory_budget;
         let rates = Rates::load(&campaign.spec.output).unwrap_or_default();
@@ -111,7 +127,12 @@ impl<'a> Executor<'a> {
     }
 
     /// An executor that reuses (and keeps) `resident`'s device, models and safety checkers.
-    pub fn with_resident(campaign: &'a Campaign, reporter: &'a mut dyn Reporter, interrupt: Arc<AtomicBool>, resident: Resident) -> Self {
+    pub fn with_resident(
+        campaign: &'a Campaign,
+        reporter: &'a mut dyn Reporter,
+        interrupt: Arc<AtomicBool>,
+        resident: Resident,
+    ) -> Self {
         Self {
             campaign,
             device: resident.device,
@@ -131,7 +152,14 @@ impl<'a> Executor<'a> {
     /// Runs `plan` and hands back what stays loaded for the next one.
     pub fn run_resident(mut self, plan: &Plan) -> (Summary, Resident) {
         let summary = self.run_plan(plan);
-        (summary, Resident { device: self.device, pool: self.pool, checkers: self.checkers })
+        (
+            summary,
+            Resident {
+                device: self.device,
+                pool: self.pool,
+                checkers: self.checkers,
+            },
+        )
     }
 
     /// Runs every stage of `plan`; returns the summary.
@@ -167,7 +195,9 @@ impl<'a> Executor<'a> {
         self.summary.seconds = started.elapsed().as_secs_f64();
         for (model, (secs, n)) in &self.per_model {
             if *n > 0 {
-                self.summary.seconds_per_image.insert(model.clone(), secs / *n as f64);
+                self.summary
+                    .seconds_per_image
+                    .insert(model.clone(), secs / *n as f64);
             }
         }
         let _ = self.rates.save(&self.campaign.spec.output);
@@ -176,12 +206,14 @@ impl<'a> Executor<'a> {
 
     fn load_options(&self, model: &str) -> LoadOptions {
         let decl = self.campaign.spec.models.get(model);
-        let dtype = effective_dtype(decl.map(|d| d.dtype).unwrap_or_default(), self.campaign.device);
+        let dtype = effective_dtype(
+            decl.map(|d| d.dtype).unwrap_or_default(),
+            self.campaign.device,
+        );
         LoadOptions {
             device: self.device.clone(),
             dtype: candle_dtype(dtype),
             memory: decl.map(|d| d.memory.clone()).unwrap_or_default(),
-            safety_checker: false,
         }
     }
 
@@ -190,7 +222,10 @@ impl<'a> Executor<'a> {
             .campaign
             .models
             .get(&stage.model)
-            .ok_or_else(|| RunError::Model { model: stage.model.clone(), message: "not resolved".into() })?;
+            .ok_or_else(|| RunError::Model {
+                model: stage.model.clone(),
+                message: "not resolved".into(),
+            })?;
         let dir = resolved.dir.clone();
         let opts = self.load_options(&stage.model);
         // Load (or reuse) the pipeline, reporting the load.
@@ -199,10 +234,18 @@ impl<'a> Executor<'a> {
             let model = stage.model.clone();
             let (_, seconds) = self
                 .pool
-                .get(&stage.model, &dir, &opts, || reporter.event(&Event::ModelLoading { model }))
-                .map_err(|e| RunError::Model { model: stage.model.clone(), message: e.to_string() })?;
+                .get(&stage.model, &dir, &opts, || {
+                    reporter.event(&Event::ModelLoading { model })
+                })
+                .map_err(|e| RunError::Model {
+                    model: stage.model.clone(),
+                    message: e.to_string(),
+                })?;
             if seconds > 0.0 {
-                self.reporter.event(&Event::ModelLoaded { model: stage.model.clone(), seconds });
+                self.reporter.event(&Event::ModelLoaded {
+                    model: stage.model.clone(),
+                    seconds,
+                });
             }
         }
         for batch in &stage.batches {
@@ -224,13 +267,19 @@ impl<'a> Executor<'a> {
                 Ok(Some(lock)) => match store.lookup_fresh(key) {
                     Ok(Some(_)) => {
                         self.summary.skipped += 1;
-                        self.reporter.event(&Event::Skipped { key: key.clone(), reason: "made by another run".into() });
+                        self.reporter.event(&Event::Skipped {
+                            key: key.clone(),
+                            reason: "made by another run".into(),
+                        });
                     }
                     _ => out.push((i, Some(lock))),
                 },
                 Ok(None) => {
                     self.summary.skipped += 1;
-                    self.reporter.event(&Event::Skipped { key: key.clone(), reason: "another run is making it".into() });
+                    self.reporter.event(&Event::Skipped {
+                        key: key.clone(),
+                        reason: "another run is making it".into(),
+                    });
                 }
                 Err(e) => self.fail(i, &e.to_string()),
             }
@@ -246,7 +295,9 @@ impl<'a> Executor<'a> {
             .copied()
             .filter(|&i| {
                 let waits_for_refiner = c.requests[i].params.refiner.is_some();
-                !(stage.role == Role::Base && waits_for_refiner && handoff_file(c.store.root(), &c.keys[i]).is_file())
+                !(stage.role == Role::Base
+                    && waits_for_refiner
+                    && handoff_file(c.store.root(), &c.keys[i]).is_file())
             })
             .collect();
         let claimed = self.claim(&pending);
@@ -254,7 +305,11 @@ impl<'a> Executor<'a> {
             return;
         }
         let idx: Vec<usize> = claimed.iter().map(|(i, _)| *i).collect();
-        self.reporter.event(&Event::Batch { model: stage.model.clone(), role: stage.role.as_str().into(), images: idx.len() });
+        self.reporter.event(&Event::Batch {
+            model: stage.model.clone(),
+            role: stage.role.as_str().into(),
+            images: idx.len(),
+        });
         let started = Instant::now();
         let result = self.compute_batch(stage, &idx, dir, opts);
         let seconds = started.elapsed().as_secs_f64();
@@ -262,7 +317,10 @@ impl<'a> Executor<'a> {
             Ok(Some(images)) => {
                 let each = seconds / idx.len() as f64;
                 for (n, &i) in idx.iter().enumerate() {
-                    let image = images.i(n).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>());
+                    let image = images
+                        .i(n)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1::<f32>());
                     match image {
                         Ok(data) => self.finish_image(i, &data, each),
                         Err(e) => self.fail(i, &e.to_string()),
@@ -274,14 +332,16 @@ impl<'a> Executor<'a> {
                 e.1 += idx.len();
                 let steps = crate::plan::render::stage_steps(r, stage.role);
                 let pixels = r.params.width as u64 * r.params.height as u64;
-                self.rates.record(&stage.model, seconds, idx.len(), steps, pixels);
+                self.rates
+                    .record(&stage.model, seconds, idx.len(), steps, pixels);
             }
             // A base pass whose latents wait for the refiner.
             Ok(None) => {
                 let r = &self.campaign.requests[idx[0]];
                 let steps = crate::plan::render::stage_steps(r, stage.role);
                 let pixels = r.params.width as u64 * r.params.height as u64;
-                self.rates.record(&stage.model, seconds, idx.len(), steps, pixels);
+                self.rates
+                    .record(&stage.model, seconds, idx.len(), steps, pixels);
             }
             Err(e) => {
                 for &i in &idx {
@@ -294,7 +354,13 @@ impl<'a> Executor<'a> {
 
     /// Runs one batch through the pipeline: decoded images (B, H, W, 3), or `None` for a base
     /// pass whose latents were handed to the refiner.
-    fn compute_batch(&mut self, stage: &Stage, idx: &[usize], dir: &Path, opts: &LoadOptions) -> Result<Option<Tensor>, EngineError> {
+    fn compute_batch(
+        &mut self,
+        stage: &Stage,
+        idx: &[usize],
+        dir: &Path,
+        opts: &LoadOptions,
+    ) -> Result<Option<Tensor>, EngineError> {
         let c = self.campaign;
         let first = &c.requests[idx[0]];
         let p = &first.params;
@@ -321,7 +387,10 @@ impl<'a> Executor<'a> {
         match stage.role {
             Role::Base => {
                 if let Some(path) = &p.init_image {
-                    req.start = Some(StartFrom::Image { image: load_init_image(path, &self.device, p.width, p.height)?, strength: p.strength });
+                    req.start = Some(StartFrom::Image {
+                        image: load_init_image(path, &self.device, p.width, p.height)?,
+                        strength: p.strength,
+                    });
                 }
                 if let Some(rf) = &p.refiner {
                     req.denoising_end = Some(rf.switch_at);
@@ -349,7 +418,10 @@ impl<'a> Executor<'a> {
                     parts.push(l);
                 }
                 let latents = Tensor::cat(&parts, 0)?;
-                req.start = Some(StartFrom::Latents { latents, denoising_start: switch_at });
+                req.start = Some(StartFrom::Latents {
+                    latents,
+                    denoising_start: switch_at,
+                });
                 let latents = pipeline.generate(&req, cond)?;
                 let images = pipeline.decode(&latents)?;
                 for &i in idx {
@@ -362,9 +434,14 @@ impl<'a> Executor<'a> {
 
     /// The safety checker for images of `model`, loaded on first use.
     fn checker(&mut self, model: &str) -> Result<Option<&SafetyChecker>, EngineError> {
-        let Some(folder) = self.campaign.checkers.get(model) else { return Ok(None) };
+        let Some(folder) = self.campaign.checkers.get(model) else {
+            return Ok(None);
+        };
         if !self.checkers.contains_key(model) {
-            let fe = folder.parent().map(|p| p.join("feature_extractor")).unwrap_or_default();
+            let fe = folder
+                .parent()
+                .map(|p| p.join("feature_extractor"))
+                .unwrap_or_default();
             let checker = SafetyChecker::load(folder, &fe, &self.device)?;
             self.checkers.insert(model.to_string(), checker);
         }
@@ -394,7 +471,11 @@ impl<'a> Executor<'a> {
             safety: SafetyRecord::default(),
             status: ImageStatus::Ok,
             seconds: 0.0,
-            model_hash: c.models.get(&r.model).map(|m| m.digest.a1111_hash().to_string()).unwrap_or_default(),
+            model_hash: c
+                .models
+                .get(&r.model)
+                .map(|m| m.digest.a1111_hash().to_string())
+                .unwrap_or_default(),
             grid: r.grid_point.clone(),
             error: None,
         }
@@ -406,8 +487,18 @@ impl<'a> Executor<'a> {
         rec.error = Some(error.to_string());
         let _ = self.campaign.store.append_manifest(&rec);
         self.summary.failed += 1;
-        self.reporter.event(&Event::Failed { key: rec.key.clone(), job: rec.job.clone(), error: error.to_string() });
-        self.reporter.event(&Event::Image { key: rec.key, job: rec.job, path: None, status: "failed".into(), seconds: 0.0 });
+        self.reporter.event(&Event::Failed {
+            key: rec.key.clone(),
+            job: rec.job.clone(),
+            error: error.to_string(),
+        });
+        self.reporter.event(&Event::Image {
+            key: rec.key,
+            job: rec.job,
+            path: None,
+            status: "failed".into(),
+            seconds: 0.0,
+        });
     }
 
     /// Safety stage, PNG with metadata, atomic write, manifest line.
@@ -423,7 +514,11 @@ impl<'a> Executor<'a> {
         let model = rec.model.clone();
         let verdict: Option<SafetyVerdict> = match self.checker(&model) {
             Ok(Some(checker)) => {
-                let img = RgbImage { width: w as usize, height: h as usize, data: rgb.clone() };
+                let img = RgbImage {
+                    width: w as usize,
+                    height: h as usize,
+                    data: rgb.clone(),
+                };
                 match checker.check(&[img], policy.threshold_adjust) {
                     Ok(mut v) => v.pop(),
                     Err(e) => return self.fail(i, &format!("safety checker: {e}")),
@@ -446,7 +541,11 @@ impl<'a> Executor<'a> {
                 rec.status = ImageStatus::Flagged;
                 rec.safety.action = Some(policy.action.as_str().into());
                 self.summary.flagged += 1;
-                self.reporter.event(&Event::Flagged { key: rec.key.clone(), job: rec.job.clone(), action: policy.action.as_str().into() });
+                self.reporter.event(&Event::Flagged {
+                    key: rec.key.clone(),
+                    job: rec.job.clone(),
+                    action: policy.action.as_str().into(),
+                });
                 match policy.action {
                     SafetyAction::Tag => {}
                     SafetyAction::Blur => output::pixels::blur(w, h, &mut rgb),
@@ -480,7 +579,11 @@ impl<'a> Executor<'a> {
                 }
                 Err(e) => {
                     self.summary.failed += 1;
-                    self.reporter.event(&Event::Failed { key: rec.key.clone(), job: rec.job.clone(), error: e.to_string() });
+                    self.reporter.event(&Event::Failed {
+                        key: rec.key.clone(),
+                        job: rec.job.clone(),
+                        error: e.to_string(),
+                    });
                     return;
                 }
             }
@@ -489,7 +592,11 @@ impl<'a> Executor<'a> {
         }
         if let Err(e) = self.campaign.store.append_manifest(&rec) {
             self.summary.failed += 1;
-            self.reporter.event(&Event::Failed { key: rec.key.clone(), job: rec.job.clone(), error: e.to_string() });
+            self.reporter.event(&Event::Failed {
+                key: rec.key.clone(),
+                job: rec.job.clone(),
+                error: e.to_string(),
+            });
             return;
         }
         if rec.refiner.is_some() {
@@ -501,28 +608,59 @@ impl<'a> Executor<'a> {
             ImageStatus::Flagged => "flagged",
             ImageStatus::Failed => "failed",
         };
-        self.reporter.event(&Event::Image { key: rec.key, job: rec.job, path: rec.path, status: status.into(), seconds: rec.seconds });
+        self.reporter.event(&Event::Image {
+            key: rec.key,
+            job: rec.job,
+            path: rec.path,
+            status: status.into(),
+            seconds: rec.seconds,
+        });
     }
 }
 
 /// Saves one image's latents atomically (unique temp file in the same folder, fsync, rename).
 fn save_latents(file: &Path, latents: &Tensor) -> Result<(), EngineError> {
-    let bytes = safetensors::serialize([("latents", latents)], None)
-        .map_err(|e| EngineError::Load { file: file.to_path_buf(), message: e.to_string() })?;
-    crate::cache::write_atomic(file, &bytes).map_err(|e| EngineError::Load { file: file.to_path_buf(), message: e.to_string() })
+    let bytes =
+        safetensors::serialize([("latents", latents)], None).map_err(|e| EngineError::Load {
+            file: file.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    crate::cache::write_atomic(file, &bytes).map_err(|e| EngineError::Load {
+        file: file.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 fn load_latents(file: &Path, device: &Device) -> Result<Tensor, EngineError> {
-    let mut map = candle_core::safetensors::load(file, device)
-        .map_err(|e| EngineError::Load { file: file.to_path_buf(), message: format!("base latents missing: {e}") })?;
-    map.remove("latents").ok_or_else(|| EngineError::Load { file: file.to_path_buf(), message: "no `latents` tensor".into() })
+    let mut map = candle_core::safetensors::load(file, device).map_err(|e| EngineError::Load {
+        file: file.to_path_buf(),
+        message: format!("base latents missing: {e}"),
+    })?;
+    map.remove("latents").ok_or_else(|| EngineError::Load {
+        file: file.to_path_buf(),
+        message: "no `latents` tensor".into(),
+    })
 }
 
 /// Reads an init image, resized to the job's size, as (1, 3, H, W) in [-1, 1].
-fn load_init_image(path: &Path, device: &Device, width: u32, height: u32) -> Result<Tensor, EngineError> {
-    let img = image::open(path).map_err(|e| EngineError::Load { file: path.to_path_buf(), message: e.to_string() })?;
-    let img = img.resize_exact(width, height, image::imageops::FilterType::Lanczos3).to_rgb8();
-    let data: Vec<f32> = img.into_raw().into_iter().map(|v| v as f32 / 127.5 - 1.0).collect();
+fn load_init_image(
+    path: &Path,
+    device: &Device,
+    width: u32,
+    height: u32,
+) -> Result<Tensor, EngineError> {
+    let img = image::open(path).map_err(|e| EngineError::Load {
+        file: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let img = img
+        .resize_exact(width, height, image::imageops::FilterType::Lanczos3)
+        .to_rgb8();
+    let data: Vec<f32> = img
+        .into_raw()
+        .into_iter()
+        .map(|v| v as f32 / 127.5 - 1.0)
+        .collect();
     let t = Tensor::from_vec(data, (height as usize, width as usize, 3), device)?;
     Ok(t.permute((2, 0, 1))?.unsqueeze(0)?)
 }

@@ -4,7 +4,9 @@
 use std::collections::HashSet;
 
 use super::campaign::Campaign;
-use crate::output::contact_sheet::{contact_sheet, record_point, sheet_axes, CellContent, SheetCell};
+use crate::output::contact_sheet::{
+    contact_sheet, record_point, sheet_axes, CellContent, SheetCell,
+};
 use crate::output::png_meta::encode_rgb_png;
 use crate::output::report::report_html;
 use crate::output::{ImageStatus, ManifestRecord};
@@ -13,7 +15,11 @@ use crate::output::{ImageStatus, ManifestRecord};
 fn load_rgb(c: &Campaign, rec: &ManifestRecord) -> Option<CellContent> {
     let path = c.store.root().join(rec.path.as_ref()?);
     let img = image::open(path).ok()?.to_rgb8();
-    Some(CellContent::Image { width: img.width(), height: img.height(), rgb: img.into_raw() })
+    Some(CellContent::Image {
+        width: img.width(),
+        height: img.height(),
+        rgb: img.into_raw(),
+    })
 }
 
 /// Writes `sheets/<job>.png` for each job with a grid and `report.html`; returns their paths.
@@ -44,14 +50,25 @@ pub fn write_gallery(c: &Campaign) -> Result<Vec<String>, String> {
                 let content = match (r.status, &r.path) {
                     (ImageStatus::Failed, _) => CellContent::Missing("failed".into()),
                     (_, None) => CellContent::Missing("dropped".into()),
-                    (_, Some(p)) if p.starts_with("quarantine") => CellContent::Missing("quarantined".into()),
+                    (_, Some(p)) if p.starts_with("quarantine") => {
+                        CellContent::Missing("quarantined".into())
+                    }
                     _ => load_rgb(c, r).unwrap_or(CellContent::Missing("missing".into())),
                 };
-                SheetCell { point: record_point(r), content }
+                SheetCell {
+                    point: record_point(r),
+                    content,
+                }
             })
             .collect();
-        let sheet = contact_sheet(&cells, x.as_ref(), y.as_ref(), &format!("{} ({})", job.name, job.model));
-        let png = encode_rgb_png(sheet.width, sheet.height, &sheet.rgb).map_err(|e| e.to_string())?;
+        let sheet = contact_sheet(
+            &cells,
+            x.as_ref(),
+            y.as_ref(),
+            &format!("{} ({})", job.name, job.model),
+        );
+        let png =
+            encode_rgb_png(sheet.width, sheet.height, &sheet.rgb).map_err(|e| e.to_string())?;
         let rel = format!("sheets/{}.png", job.name);
         let path = c.store.root().join(&rel);
         // Atomic (temp file + rename): shards of one campaign write these at the same time.

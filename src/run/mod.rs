@@ -76,20 +76,30 @@ fn machine_config(spec: &Path, config: Option<&Path>) -> Result<Option<MachineCo
 }
 
 /// Chooses the device: the flag, else the config, else auto (the best this build supports).
-pub fn device_kind(flag: Option<&str>, config: Option<&MachineConfig>) -> Result<DeviceKind, RunError> {
-    let asked = flag.map(str::to_string).or_else(|| config.map(|c| c.device.as_str().to_string())).unwrap_or_else(|| "auto".into());
+pub fn device_kind(
+    flag: Option<&str>,
+    config: Option<&MachineConfig>,
+) -> Result<DeviceKind, RunError> {
+    let asked = flag
+        .map(str::to_string)
+        .or_else(|| config.map(|c| c.device.as_str().to_string()))
+        .unwrap_or_else(|| "auto".into());
     match asked.as_str() {
         "cpu" => Ok(DeviceKind::Cpu),
         "cuda" => Ok(DeviceKind::Cuda),
         "metal" => Ok(DeviceKind::Metal),
-        "auto" => Ok(if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
-            DeviceKind::Cuda
-        } else if cfg!(feature = "metal") && candle_core::utils::metal_is_available() {
-            DeviceKind::Metal
-        } else {
-            DeviceKind::Cpu
-        }),
-        other => Err(RunError::Usage(format!("--device {other}: expected cpu, cuda, metal or auto"))),
+        "auto" => Ok(
+            if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
+                DeviceKind::Cuda
+            } else if cfg!(feature = "metal") && candle_core::utils::metal_is_available() {
+                DeviceKind::Metal
+            } else {
+                DeviceKind::Cpu
+            },
+        ),
+        other => Err(RunError::Usage(format!(
+            "--device {other}: expected cpu, cuda, metal or auto"
+        ))),
     }
 }
 
@@ -101,13 +111,22 @@ pub fn parse_shard(s: Option<&str>) -> Result<Shard, RunError> {
     if s != "auto" && !s.starts_with("auto/") {
         return Shard::parse(s).map_err(|e| RunError::Usage(e.to_string()));
     }
-    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok());
-    let count_flag = s.strip_prefix("auto/").and_then(|n| n.parse::<usize>().ok());
+    let env = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    };
+    let count_flag = s
+        .strip_prefix("auto/")
+        .and_then(|n| n.parse::<usize>().ok());
     let (index, count) = if let Some(i) = env("JOB_COMPLETION_INDEX") {
         (Some(i), count_flag.or_else(|| env("SD_RUN_SHARD_COUNT")))
     } else if let Some(id) = env("SLURM_ARRAY_TASK_ID") {
         let min = env("SLURM_ARRAY_TASK_MIN").unwrap_or(0);
-        (id.checked_sub(min), count_flag.or_else(|| env("SLURM_ARRAY_TASK_COUNT")))
+        (
+            id.checked_sub(min),
+            count_flag.or_else(|| env("SLURM_ARRAY_TASK_COUNT")),
+        )
     } else {
         (None, None)
     };
@@ -139,7 +158,11 @@ pub fn validate_command(spec_path: &Path) -> u8 {
     match spec::load(spec_path) {
         Ok(s) => {
             let n = spec::expand(&s).len();
-            println!("{}: ok ({} jobs, {n} images)", spec_path.display(), s.jobs.len());
+            println!(
+                "{}: ok ({} jobs, {n} images)",
+                spec_path.display(),
+                s.jobs.len()
+            );
             0
         }
         Err(e) => {
@@ -150,7 +173,12 @@ pub fn validate_command(spec_path: &Path) -> u8 {
 }
 
 /// `sd-run plan SPEC [--json] [--shard K/N]`.
-pub fn plan_command(spec_path: &Path, config: Option<&Path>, shard: Option<&str>, json: bool) -> u8 {
+pub fn plan_command(
+    spec_path: &Path,
+    config: Option<&Path>,
+    shard: Option<&str>,
+    json: bool,
+) -> u8 {
     let go = || -> Result<(), RunError> {
         let shard = parse_shard(shard)?;
         let mc = machine_config(spec_path, config)?;
@@ -194,7 +222,11 @@ pub fn run_command(opts: &RunOptions) -> u8 {
         let mc = machine_config(&opts.spec, opts.config.as_deref())?;
         let device = device_kind(opts.device.as_deref(), mc.as_ref())?;
         let mut reporter = events::reporter(opts.log);
-        let fetch = if opts.dry_run { Fetch::LocalOnly } else { Fetch::Download };
+        let fetch = if opts.dry_run {
+            Fetch::LocalOnly
+        } else {
+            Fetch::Download
+        };
         let mut c = Campaign::prepare(&opts.spec, device, fetch)?;
         if shard.count > 1 {
             let name = crate::cache::Store::shard_manifest_name(shard.index, shard.count);
@@ -218,9 +250,15 @@ pub fn run_command(opts: &RunOptions) -> u8 {
         });
         let summary = execute::Executor::new(&c, reporter.as_mut(), interrupt.clone())?.run(&plan);
         if let Err(e) = gallery::write_gallery(&c) {
-            reporter.event(&Event::Warning { message: format!("report: {e}") });
+            reporter.event(&Event::Warning {
+                message: format!("report: {e}"),
+            });
         }
-        let code = if summary.failed > 0 || summary.interrupted { 1 } else { 0 };
+        let code = if summary.failed > 0 || summary.interrupted {
+            1
+        } else {
+            0
+        };
         reporter.event(&Event::Summary(summary));
         Ok(code)
     };

@@ -24,7 +24,9 @@ pub struct ModelPool {
 /// The resident size of a model: the total size of its weight files.
 pub fn model_bytes(dir: &Path) -> u64 {
     fn walk(dir: &Path, total: &mut u64) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -42,7 +44,11 @@ pub fn model_bytes(dir: &Path) -> u64 {
 impl ModelPool {
     /// An empty pool; `budget` in bytes (None: keep everything loaded).
     pub fn new(budget: Option<u64>) -> Self {
-        Self { entries: HashMap::new(), budget, clock: 0 }
+        Self {
+            entries: HashMap::new(),
+            budget,
+            clock: 0,
+        }
     }
 
     /// Whether `name` is loaded now.
@@ -70,9 +76,19 @@ impl ModelPool {
             let started = Instant::now();
             let pipeline = Pipeline::load(dir, opts)?;
             seconds = started.elapsed().as_secs_f64();
-            self.entries.insert(name.to_string(), Entry { pipeline, bytes, last_used: clock });
+            self.entries.insert(
+                name.to_string(),
+                Entry {
+                    pipeline,
+                    bytes,
+                    last_used: clock,
+                },
+            );
         }
-        let entry = self.entries.get_mut(name).ok_or_else(|| EngineError::Other(format!("model {name} not loaded")))?;
+        let entry = self
+            .entries
+            .get_mut(name)
+            .ok_or_else(|| EngineError::Other(format!("model {name} not loaded")))?;
         entry.last_used = clock;
         Ok((&entry.pipeline, seconds))
     }
@@ -90,7 +106,11 @@ impl ModelPool {
             if used + incoming <= budget || self.entries.is_empty() {
                 return;
             }
-            let oldest = self.entries.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| k.clone());
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, _)| k.clone());
             if let Some(k) = oldest {
                 self.entries.remove(&k);
             }
