@@ -89,6 +89,22 @@ struct Case {
     file: String,
 }
 
+/// A text-to-image request with a golden case's settings and the given seeds.
+fn case_request(case: &Case, seeds: Vec<u64>) -> GenerateRequest {
+    GenerateRequest {
+        seeds,
+        steps: case.steps,
+        guidance: case.guidance,
+        scheduler: SchedulerName::parse(&case.scheduler).unwrap(),
+        width: case.width,
+        height: case.height,
+        noise: NoiseSource::TorchCpu,
+        sdxl: SdxlConditioning::default(),
+        denoising_end: None,
+        start: None,
+    }
+}
+
 fn cases() -> Vec<Case> {
     #[derive(serde::Deserialize)]
     struct Index {
@@ -124,18 +140,10 @@ fn every_text_to_image_case_matches_diffusers() {
                 1e-4,
             );
         }
-        let req = GenerateRequest {
-            seeds: (0..case.batch as u64).map(|i| case.seed + i).collect(),
-            steps: case.steps,
-            guidance: case.guidance,
-            scheduler: SchedulerName::parse(&case.scheduler).unwrap(),
-            width: case.width,
-            height: case.height,
-            noise: NoiseSource::TorchCpu,
-            sdxl: SdxlConditioning::default(),
-            denoising_end: None,
-            start: None,
-        };
+        let req = case_request(
+            &case,
+            (0..case.batch as u64).map(|i| case.seed + i).collect(),
+        );
         let latents = pipe.generate(&req, &cond).unwrap();
         assert_rel(
             &format!("{} final_latents", case.name),
@@ -222,18 +230,7 @@ fn sdxl_base_and_refiner_match_diffusers() {
         &g["negative_pooled_prompt_embeds"],
         1e-4,
     );
-    let mut req = GenerateRequest {
-        seeds: vec![case.seed],
-        steps: case.steps,
-        guidance: case.guidance,
-        scheduler: SchedulerName::parse(&case.scheduler).unwrap(),
-        width: case.width,
-        height: case.height,
-        noise: NoiseSource::TorchCpu,
-        sdxl: SdxlConditioning::default(),
-        denoising_end: None,
-        start: None,
-    };
+    let mut req = case_request(&case, vec![case.seed]);
     let full = base.generate(&req, &cond).unwrap();
     assert_abs(
         "base_full_image",
