@@ -488,20 +488,27 @@ fn tiny_sd15_png_equals_diffusers_image() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Writes a spec on the tiny SDXL base + refiner pair (64x64, 8 steps, guidance 5, batches of 2,
+/// no safety checker) into `dir`; `rest` continues the `defaults:` block and holds the jobs.
+fn write_sdxl_spec(dir: &Path, rest: &str) -> PathBuf {
+    let models = root().join("tests/fixtures/golden/models");
+    let text = format!(
+        "version: 1\noutput: out\nmodels:\n  base:\n    source: {}\n  refiner:\n    source: {}\nsafety:\n  checker: off\ndefaults:\n  size: 64x64\n  steps: 8\n  guidance: 5\n  batch_size: 2\n{rest}",
+        models.join("tiny-sdxl-base").display(),
+        models.join("tiny-sdxl-refiner").display()
+    );
+    let spec = dir.join("spec.yaml");
+    std::fs::write(&spec, text).unwrap();
+    spec
+}
+
 #[test]
 fn sdxl_base_and_refiner_run_stage_major_and_match_diffusers() {
     let dir = temp_dir("sdxl");
-    let models = root().join("tests/fixtures/golden/models");
-    let spec = dir.join("spec.yaml");
-    std::fs::write(
-        &spec,
-        format!(
-            "version: 1\noutput: out\nmodels:\n  base:\n    source: {}\n  refiner:\n    source: {}\ndefaults:\n  size: 64x64\n  steps: 8\n  guidance: 5\n  scheduler: euler\n  batch_size: 2\nsafety:\n  checker: off\njobs:\n  - name: alpine\n    model: base\n    prompts: [{{prompt: \"professional photograph of alpine meadow\", negative_prompt: \"blurry\"}}]\n    seeds: [1234, 1, 2]\n    refiner:\n      model: refiner\n      switch_at: 0.8\n",
-            models.join("tiny-sdxl-base").display(),
-            models.join("tiny-sdxl-refiner").display()
-        ),
-    )
-    .unwrap();
+    let spec = write_sdxl_spec(
+        &dir,
+        "  scheduler: euler\njobs:\n  - name: alpine\n    model: base\n    prompts: [{prompt: \"professional photograph of alpine meadow\", negative_prompt: \"blurry\"}]\n    seeds: [1234, 1, 2]\n    refiner:\n      model: refiner\n      switch_at: 0.8\n",
+    );
     let plan = sd_run(&["plan", spec.to_str().unwrap(), "--json"]);
     assert!(
         plan.status.success(),
@@ -622,17 +629,10 @@ fn turbo_style_trailing_one_step_and_img2img_make_images() {
 fn a_crash_between_base_and_refiner_keeps_the_base_latents() {
     use std::io::BufRead;
     let dir = temp_dir("handoff");
-    let models = root().join("tests/fixtures/golden/models");
-    let spec = dir.join("spec.yaml");
-    std::fs::write(
-        &spec,
-        format!(
-            "version: 1\noutput: out\nmodels:\n  base:\n    source: {}\n  refiner:\n    source: {}\ndefaults:\n  size: 64x64\n  steps: 8\n  guidance: 5\n  batch_size: 2\nsafety:\n  checker: off\njobs:\n  - name: alpine\n    model: base\n    prompts: [\"alpine meadow\"]\n    seeds: [1, 2, 3]\n    refiner:\n      model: refiner\n      switch_at: 0.7\n",
-            models.join("tiny-sdxl-base").display(),
-            models.join("tiny-sdxl-refiner").display()
-        ),
-    )
-    .unwrap();
+    let spec = write_sdxl_spec(
+        &dir,
+        "jobs:\n  - name: alpine\n    model: base\n    prompts: [\"alpine meadow\"]\n    seeds: [1, 2, 3]\n    refiner:\n      model: refiner\n      switch_at: 0.7\n",
+    );
     let mut child = Command::new(BIN)
         .args(["run", spec.to_str().unwrap(), "--log", "json"])
         .env(
