@@ -1,6 +1,9 @@
 //! The whole pipeline against diffusers' golden cases (tests/fixtures/golden): initial noise,
 //! final latents per scheduler, decoded images; the SDXL base + refiner handoff.
 
+mod common;
+use common::diff;
+
 use candle_core::{DType, Device, Tensor};
 use sd_run::engine::pipeline::{GenerateRequest, LoadOptions, Pipeline, StartFrom};
 use sd_run::spec::{MemoryPolicy, NoiseSource, SchedulerName, SdxlConditioning};
@@ -21,32 +24,6 @@ fn opts() -> LoadOptions {
         dtype: DType::F32,
         memory: MemoryPolicy::default(),
     }
-}
-
-/// Max abs difference and the reference's max abs.
-fn diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
-    assert_eq!(a.dims(), b.dims());
-    let a = a
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let d = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    let m = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
-    (d, m)
 }
 
 fn assert_rel(name: &str, a: &Tensor, b: &Tensor, tol: f32) {

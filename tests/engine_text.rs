@@ -1,6 +1,9 @@
 //! Tokenizer, CLIP text encoders and safety checker against diffusers' golden data
 //! (tests/fixtures/golden, produced by diffusers 0.42.1 / transformers 5.24 on CPU, float32).
 
+mod common;
+use common::diff;
+
 use candle_core::{DType, Device, Tensor};
 use sd_run::engine::clip::{sdxl_embeddings, TextEncoder};
 use sd_run::engine::safety::{RgbImage, SafetyChecker};
@@ -48,32 +51,6 @@ fn ids_of(t: &Tensor) -> Vec<u32> {
         .iter()
         .map(|&i| i as u32)
         .collect()
-}
-
-/// (max abs difference, max abs of the expected tensor).
-fn diff(got: &Tensor, want: &Tensor) -> (f32, f32) {
-    assert_eq!(got.dims(), want.dims(), "shape");
-    let got = got
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let want = want
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let d = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    let m = want.iter().map(|b| b.abs()).fold(0f32, f32::max);
-    (d, m)
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, rel: f32) {

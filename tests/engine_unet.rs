@@ -1,6 +1,9 @@
 //! UNet, VAE and Hugging Face source resolution against diffusers' golden components
 //! (tests/fixtures/golden, computed by diffusers 0.42.1 on CPU in float32).
 
+mod common;
+use common::diff;
+
 use candle_core::{DType, Device, Tensor};
 use sd_run::engine::unet::{AddedCond, UNet};
 use sd_run::engine::vae::Vae;
@@ -21,31 +24,6 @@ fn case(name: &str) -> HashMap<String, Tensor> {
         &Device::Cpu,
     )
     .expect("golden case")
-}
-
-/// (max |a - b|, max |b|)
-fn diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
-    assert_eq!(a.dims(), b.dims());
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let m = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    (d, m)
 }
 
 fn check(what: &str, got: &Tensor, want: &Tensor) {

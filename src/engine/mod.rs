@@ -25,3 +25,14 @@ pub enum EngineError {
     #[error("{0}")]
     Other(String),
 }
+
+/// The largest absolute difference between two tensors of one shape (for the engine's tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("tensors of one shape and dtype f32")
+}

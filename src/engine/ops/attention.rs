@@ -197,16 +197,7 @@ mod tests {
                 .transpose(1, 2)
                 .unwrap();
             let got = attention(&qt, &k, &v, heads, scale).unwrap().unwrap();
-            let diff = (want - got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::engine::max_abs_diff(&want, &got);
             assert!(diff < 1e-5, "{diff}");
         }
     }

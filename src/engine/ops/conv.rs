@@ -427,19 +427,6 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarMap;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     fn layer(c_in: usize, c_out: usize, k: usize, cfg: Conv2dConfig) -> Conv2d {
         let map = VarMap::new();
         let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
@@ -478,13 +465,13 @@ mod tests {
             let got = l.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
             assert!(
-                max_diff(&got, &want) < 1e-5,
+                crate::engine::max_abs_diff(&got, &want) < 1e-5,
                 "{:?}",
                 (c_in, c_out, k, stride, padding, dilation)
             );
             let r = Tensor::randn(0f32, 1.0, want.dims(), &Device::Cpu).unwrap();
             let fused = l.forward_add(&x, &r).unwrap();
-            assert!(max_diff(&fused, &(want + &r).unwrap()) < 1e-5);
+            assert!(crate::engine::max_abs_diff(&fused, &(want + &r).unwrap()) < 1e-5);
             // A strided (transposed) input gives the same result.
             let xt = x
                 .transpose(2, 3)
@@ -493,7 +480,10 @@ mod tests {
                 .unwrap()
                 .transpose(2, 3)
                 .unwrap();
-            assert!(max_diff(&l.forward(&xt).unwrap(), &l.forward(&x).unwrap()) == 0.0);
+            assert!(
+                crate::engine::max_abs_diff(&l.forward(&xt).unwrap(), &l.forward(&x).unwrap())
+                    == 0.0
+            );
         }
     }
 
@@ -507,7 +497,7 @@ mod tests {
         let l = layer(64, 8, 3, cfg);
         let x = Tensor::randn(0f32, 1.0, (1, 64, 300, 256), &Device::Cpu).unwrap();
         const { assert!(BAND_ELEMS / (64 * 9 * 256) < 300) };
-        let d = max_diff(&l.forward(&x).unwrap(), &l.inner.forward(&x).unwrap());
+        let d = crate::engine::max_abs_diff(&l.forward(&x).unwrap(), &l.inner.forward(&x).unwrap());
         assert!(d < 1e-4, "{d}");
     }
 

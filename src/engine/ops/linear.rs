@@ -246,19 +246,6 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     #[test]
     fn linear_matches_candle_with_bias_and_residual() {
         let dev = Device::Cpu;
@@ -270,7 +257,7 @@ mod tests {
             };
             let x = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap();
             let want = l.inner.forward(&x).unwrap();
-            assert!(max_diff(&l.forward(&x).unwrap(), &want) < 1e-5);
+            assert!(crate::engine::max_abs_diff(&l.forward(&x).unwrap(), &want) < 1e-5);
             let xt = x
                 .transpose(0, 1)
                 .unwrap()
@@ -278,9 +265,14 @@ mod tests {
                 .unwrap()
                 .transpose(0, 1)
                 .unwrap();
-            assert!(max_diff(&l.forward(&xt).unwrap(), &want) < 1e-5);
+            assert!(crate::engine::max_abs_diff(&l.forward(&xt).unwrap(), &want) < 1e-5);
             let r = Tensor::randn(0f32, 1.0, (2, 3, 7), &dev).unwrap();
-            assert!(max_diff(&l.forward_add(&x, &r).unwrap(), &(&want + &r).unwrap()) < 1e-5);
+            assert!(
+                crate::engine::max_abs_diff(
+                    &l.forward_add(&x, &r).unwrap(),
+                    &(&want + &r).unwrap()
+                ) < 1e-5
+            );
         }
         let l = Linear {
             inner: candle_nn::Linear::new(w, None),
@@ -297,7 +289,7 @@ mod tests {
         let a = h.narrow(2, 0, 19).unwrap();
         let gate = h.narrow(2, 19, 19).unwrap();
         let want = (a * gate.gelu_erf().unwrap()).unwrap();
-        let d = max_diff(&geglu(&h).unwrap(), &want);
+        let d = crate::engine::max_abs_diff(&geglu(&h).unwrap(), &want);
         assert!(d < 1e-5, "{d}");
         assert!(geglu(&Tensor::zeros((2, 3), DType::F32, &dev).unwrap()).is_err());
     }

@@ -160,16 +160,7 @@ mod tests {
             let x = (Tensor::randn(0f32, 3.0, (b, c, h, w), &dev).unwrap() + 5.0).unwrap();
             let want = gn.inner.forward(&x).unwrap();
             let got = gn.forward(&x).unwrap();
-            let d = (&want - &got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::engine::max_abs_diff(&want, &got);
             assert!(d < 1e-5, "{d}");
             let want = candle_nn::ops::silu(&want).unwrap();
             let got = gn
@@ -182,16 +173,7 @@ mod tests {
                         .unwrap(),
                 )
                 .unwrap();
-            let d = (&want - &got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::engine::max_abs_diff(&want, &got);
             assert!(d < 1e-5, "{d}");
         }
     }

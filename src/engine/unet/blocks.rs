@@ -609,16 +609,7 @@ mod tests {
         let full = attention(&q, &k, &v, 0.35, None).unwrap();
         for s in [1, 5, 36, 37, 100] {
             let sliced = attention(&q, &k, &v, 0.35, Some(s)).unwrap();
-            let d = (&full - &sliced)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::engine::max_abs_diff(&full, &sliced);
             assert!(d < 1e-6, "slice {s}: {d}");
         }
     }
