@@ -35,15 +35,18 @@ fn write_spec(dir: &Path, body: &str) -> PathBuf {
     p
 }
 
+/// The binary with `args`, its digest cache in a temp folder.
+fn sd_run_cmd(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env(
+        "SD_RUN_CACHE",
+        std::env::temp_dir().join("sd-run-test-cache"),
+    );
+    cmd
+}
+
 fn sd_run(args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .env(
-            "SD_RUN_CACHE",
-            std::env::temp_dir().join("sd-run-test-cache"),
-        )
-        .output()
-        .unwrap()
+    sd_run_cmd(args).output().unwrap()
 }
 
 /// Manifest records of an output folder (every line, in order).
@@ -138,8 +141,7 @@ fn killed_runs_resume_and_every_image_is_made_once() {
     let out = dir.join("out");
     // Kill the run at several points.
     for delay_ms in [300u64, 900, 1500] {
-        let mut child = Command::new(BIN)
-            .args(["run", spec.to_str().unwrap(), "--log", "json"])
+        let mut child = sd_run_cmd(&["run", spec.to_str().unwrap(), "--log", "json"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -197,12 +199,7 @@ fn two_concurrent_runs_make_each_image_once() {
     let spec = write_spec(&dir, &SMALL_JOB.replace("batch_size: 2", "batch_size: 1"));
     let out = dir.join("out");
     let spawn = || {
-        Command::new(BIN)
-            .args(["run", spec.to_str().unwrap(), "--log", "json"])
-            .env(
-                "SD_RUN_CACHE",
-                std::env::temp_dir().join("sd-run-test-cache"),
-            )
+        sd_run_cmd(&["run", spec.to_str().unwrap(), "--log", "json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -633,12 +630,7 @@ fn a_crash_between_base_and_refiner_keeps_the_base_latents() {
         &dir,
         "jobs:\n  - name: alpine\n    model: base\n    prompts: [\"alpine meadow\"]\n    seeds: [1, 2, 3]\n    refiner:\n      model: refiner\n      switch_at: 0.7\n",
     );
-    let mut child = Command::new(BIN)
-        .args(["run", spec.to_str().unwrap(), "--log", "json"])
-        .env(
-            "SD_RUN_CACHE",
-            std::env::temp_dir().join("sd-run-test-cache"),
-        )
+    let mut child = sd_run_cmd(&["run", spec.to_str().unwrap(), "--log", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -681,12 +673,7 @@ fn ctrl_c_finishes_the_batch_and_says_how_to_resume() {
             .replace("seeds: [1, 2, 3]", "seeds: [1, 2, 3, 4, 5, 6]")
             .replace("batch_size: 2", "batch_size: 1"),
     );
-    let mut child = Command::new(BIN)
-        .args(["run", spec.to_str().unwrap(), "--log", "json"])
-        .env(
-            "SD_RUN_CACHE",
-            std::env::temp_dir().join("sd-run-test-cache"),
-        )
+    let mut child = sd_run_cmd(&["run", spec.to_str().unwrap(), "--log", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -769,12 +756,7 @@ fn hf_sources_run_offline_from_a_filled_cache() {
         "version: 1\noutput: out\nmodels:\n  tiny:\n    source: hf:tiny-org/tiny-sd\nsafety:\n  checker: off\njobs:\n  - name: fox\n    model: tiny\n    prompts: [\"a red fox in the snow\"]\n    seeds: [42]\n    steps: 4\n    guidance: 7.5\n    scheduler: ddim\n    size: 64x64\n",
     )
     .unwrap();
-    let run = Command::new(BIN)
-        .args(["run", spec.to_str().unwrap(), "--log", "json"])
-        .env(
-            "SD_RUN_CACHE",
-            std::env::temp_dir().join("sd-run-test-cache"),
-        )
+    let run = sd_run_cmd(&["run", spec.to_str().unwrap(), "--log", "json"])
         .env("HF_HOME", dir.join("hf"))
         .env_remove("HF_HUB_CACHE")
         .env("HF_HUB_OFFLINE", "1")
@@ -798,8 +780,7 @@ fn hf_sources_run_offline_from_a_filled_cache() {
             .replace("tiny-org/tiny-sd", "tiny-org/absent"),
     )
     .unwrap();
-    let o = Command::new(BIN)
-        .args(["run", spec.to_str().unwrap()])
+    let o = sd_run_cmd(&["run", spec.to_str().unwrap()])
         .env("HF_HOME", dir.join("hf"))
         .env_remove("HF_HUB_CACHE")
         .env("HF_HUB_OFFLINE", "1")
