@@ -6,7 +6,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use std::path::Path;
 
 use super::clip::TextEncoder;
-use super::rng::TorchRng;
+use super::rng::{DeviceNoise, TorchNoise};
 use super::schedulers::{self, NoiseFn, SchedulerConfig};
 use super::tokenizer::ClipTokenizer;
 use super::unet::{AddedCond, UNet};
@@ -101,47 +101,6 @@ pub struct Pipeline {
     device: Device,
     dtype: DType,
     force_zeros_for_empty_prompt: bool,
-}
-
-/// The per-image torch-compatible noise streams of one batch.
-struct BatchNoise {
-    rngs: Vec<TorchRng>,
-    device: Device,
-    dtype: DType,
-    /// `noise: device` draws from the device RNG instead.
-    device_rng: bool,
-}
-
-impl BatchNoise {
-    fn new(seeds: &[u64], device: &Device, dtype: DType, noise: NoiseSource) -> Self {
-        Self {
-            rngs: seeds.iter().map(|&s| TorchRng::new(s)).collect(),
-            device: device.clone(),
-            dtype,
-            device_rng: noise == NoiseSource::Device,
-        }
-    }
-
-    /// Draws one (1, C, H, W) tensor per image, concatenated along the batch.
-    fn draw(&mut self, c: usize, h: usize, w: usize) -> candle_core::Result<Tensor> {
-        if self.device_rng {
-            return Tensor::randn(0f32, 1f32, (self.rngs.len(), c, h, w), &self.device)?
-                .to_dtype(self.dtype);
-        }
-        let mut parts = Vec::with_capacity(self.rngs.len());
-        for rng in &mut self.rngs {
-            let v = rng.randn(&[1, c, h, w]);
-            parts.push(Tensor::from_vec(v, (1, c, h, w), &self.device)?);
-        }
-        Tensor::cat(&parts, 0)?.to_dtype(self.dtype)
-    }
-}
-
-impl NoiseFn for BatchNoise {
-    fn randn_like(&mut self, like: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, c, h, w) = like.dims4()?;
-        self.draw(c, h, w)
-    }
 }
 
 impl Pipeline {
@@ -301,9 +260,14 @@ impl Pipeline {
         let mut scheduler = schedulers::build(req.scheduler, &self.scheduler_config, req.steps)?;
         let timesteps = scheduler.timesteps().to_vec();
         let train_steps = scheduler.num_train_timesteps() as f64;
-        let mut noise = BatchNoise::new(&req.seeds, &self.device, self.dtype, req.noise);
+        let mut noise: Box<dyn NoiseFn> = match req.noise {
+            NoiseSource::TorchCpu => Box::new(TorchNoise::new(&req.seeds)),
+            NoiseSource::Device => Box::new(DeviceNoise),
+        };
         let c = self.unet.config().in_channels;
         let (h, w) = (req.height / 8, req.width / 8);
+        // The shape, dtype and device every draw of this batch takes.
+        let latent_like = Tensor::zeros((b, c, h, w), self.dtype, &self.device)?;
 
         // The range of the schedule this pass runs, and its starting latents.
         let mut first = 0usize;
@@ -313,7 +277,7 @@ impl Pipeline {
             last = timesteps.iter().filter(|t| **t >= cutoff).count();
         }
         let mut latents = match &req.start {
-            None => (noise.draw(c, h, w)? * scheduler.init_noise_sigma())?,
+            None => (noise.randn_like(&latent_like)? * scheduler.init_noise_sigma())?,
             Some(StartFrom::Latents {
                 latents,
                 denoising_start,
@@ -338,12 +302,12 @@ impl Pipeline {
                 }
                 let image = image.to_device(&self.device)?.to_dtype(self.dtype)?;
                 let mut encoded = Vec::with_capacity(b);
-                let mut sample_noise = noise.draw(c, h, w)?;
+                let mut sample_noise = noise.randn_like(&latent_like)?;
                 for i in 0..b {
                     encoded.push(self.vae.encode(&image, Some(&sample_noise.i(i..i + 1)?))?);
                 }
                 let init_latents = Tensor::cat(&encoded, 0)?;
-                sample_noise = noise.draw(c, h, w)?;
+                sample_noise = noise.randn_like(&latent_like)?;
                 scheduler.add_noise(&init_latents, &sample_noise, first)?
             }
         };
@@ -388,7 +352,7 @@ impl Pipeline {
             } else {
                 out
             };
-            latents = scheduler.step(&eps, i, &latents, &mut noise)?;
+            latents = scheduler.step(&eps, i, &latents, noise.as_mut())?;
         }
         Ok(latents)
     }
