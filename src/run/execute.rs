@@ -313,41 +313,36 @@ impl<'a> Executor<'a> {
         let started = Instant::now();
         let result = self.compute_batch(stage, &idx, dir, opts);
         let seconds = started.elapsed().as_secs_f64();
-        match result {
-            Ok(Some(images)) => {
-                let each = seconds / idx.len() as f64;
-                for (n, &i) in idx.iter().enumerate() {
-                    let image = images
-                        .i(n)
-                        .and_then(|t| t.flatten_all())
-                        .and_then(|t| t.to_vec1::<f32>());
-                    match image {
-                        Ok(data) => self.finish_image(i, &data, each),
-                        Err(e) => self.fail(i, &e.to_string()),
-                    }
-                }
-                let r = &self.campaign.requests[idx[0]];
-                let e = self.per_model.entry(stage.model.clone()).or_default();
-                e.0 += seconds;
-                e.1 += idx.len();
-                let steps = crate::plan::render::stage_steps(r, stage.role);
-                let pixels = r.params.width as u64 * r.params.height as u64;
-                self.rates
-                    .record(&stage.model, seconds, idx.len(), steps, pixels);
-            }
-            // A base pass whose latents wait for the refiner.
-            Ok(None) => {
-                let r = &self.campaign.requests[idx[0]];
-                let steps = crate::plan::render::stage_steps(r, stage.role);
-                let pixels = r.params.width as u64 * r.params.height as u64;
-                self.rates
-                    .record(&stage.model, seconds, idx.len(), steps, pixels);
-            }
+        let images = match result {
+            Ok(images) => images,
             Err(e) => {
                 for &i in &idx {
                     self.fail(i, &e.to_string());
                 }
+                return;
             }
+        };
+        let r = &self.campaign.requests[idx[0]];
+        let steps = crate::plan::render::stage_steps(r, stage.role);
+        let pixels = r.params.width as u64 * r.params.height as u64;
+        self.rates
+            .record(&stage.model, seconds, idx.len(), steps, pixels);
+        // A base pass whose latents wait for the refiner has no images yet.
+        if let Some(images) = images {
+            let each = seconds / idx.len() as f64;
+            for (n, &i) in idx.iter().enumerate() {
+                let image = images
+                    .i(n)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>());
+                match image {
+                    Ok(data) => self.finish_image(i, &data, each),
+                    Err(e) => self.fail(i, &e.to_string()),
+                }
+            }
+            let e = self.per_model.entry(stage.model.clone()).or_default();
+            e.0 += seconds;
+            e.1 += idx.len();
         }
         drop(claimed);
     }
