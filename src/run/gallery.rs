@@ -4,23 +4,10 @@
 use std::collections::HashSet;
 
 use super::campaign::Campaign;
-use crate::output::contact_sheet::{
-    contact_sheet, record_point, sheet_axes, CellContent, SheetCell,
-};
+use crate::output::contact_sheet::{contact_sheet, record_cell, sheet_axes, SheetCell};
 use crate::output::png_meta::encode_rgb_png;
 use crate::output::report::report_html;
-use crate::output::{ImageStatus, ManifestRecord};
-
-/// Reads a record's PNG back as RGB8.
-fn load_rgb(c: &Campaign, rec: &ManifestRecord) -> Option<CellContent> {
-    let path = c.store.root().join(rec.path.as_ref()?);
-    let img = image::open(path).ok()?.to_rgb8();
-    Some(CellContent::Image {
-        width: img.width(),
-        height: img.height(),
-        rgb: img.into_raw(),
-    })
-}
+use crate::output::ManifestRecord;
 
 /// Writes `sheets/<job>.png` for each job with a grid and `report.html`; returns their paths.
 pub fn write_gallery(c: &Campaign) -> Result<Vec<String>, String> {
@@ -46,20 +33,7 @@ pub fn write_gallery(c: &Campaign) -> Result<Vec<String>, String> {
         let cells: Vec<SheetCell> = records
             .iter()
             .filter(|r| r.job == job.name)
-            .map(|r| {
-                let content = match (r.status, &r.path) {
-                    (ImageStatus::Failed, _) => CellContent::Missing("failed".into()),
-                    (_, None) => CellContent::Missing("dropped".into()),
-                    (_, Some(p)) if p.starts_with("quarantine") => {
-                        CellContent::Missing("quarantined".into())
-                    }
-                    _ => load_rgb(c, r).unwrap_or(CellContent::Missing("missing".into())),
-                };
-                SheetCell {
-                    point: record_point(r),
-                    content,
-                }
-            })
+            .map(|r| record_cell(r, c.store.root()))
             .collect();
         let sheet = contact_sheet(
             &cells,
